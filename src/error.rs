@@ -1,0 +1,88 @@
+//! The request path's one error type: each refusal knows its status, its one-line reason
+//! and whose fault it was (client, upstream or wsgate itself).
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::proxy::body::ProxyBody;
+
+/// Who caused a failure; logs and metrics use it to tell a broken client from a broken backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// Every way a request or handshake can be refused by wsgate.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for host {host:?} and path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("bad WebSocket handshake: {0}")]
+    BadHandshake(&'static str),
+    #[error("unsupported WebSocket version: only version 13 is supported")]
+    UnsupportedVersion,
+    #[error("origin {0:?} is not allowed for this route")]
+    OriginNotAllowed(String),
+    #[error("upstream {upstream:?} refused the connection: {reason}")]
+    UpstreamConnect { upstream: String, reason: String },
+    #[error("upstream {upstream:?} did not accept the connection within {timeout_ms} ms")]
+    UpstreamConnectTimeout { upstream: String, timeout_ms: u128 },
+    #[error("upstream {upstream:?} did not answer within {timeout_ms} ms")]
+    UpstreamTimeout { upstream: String, timeout_ms: u128 },
+    #[error("upstream {upstream:?} sent a broken answer: {reason}")]
+    UpstreamBroken { upstream: String, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamBroken { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamConnectTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            ProxyError::NoRoute { .. }
+            | ProxyError::BadHandshake(_)
+            | ProxyError::UnsupportedVersion
+            | ProxyError::OriginNotAllowed(_) => Blame::Client,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamConnectTimeout { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UpstreamBroken { .. } => Blame::Upstream,
+            ProxyError::Internal(_) => Blame::Internal,
+        }
+    }
+
+    /// The answer the client gets: the status and a one-line text body saying why.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let mut response = Response::new(ProxyBody::text(format!("{self}\n")));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::UPGRADE_REQUIRED {
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
+    }
+}

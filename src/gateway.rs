@@ -1,0 +1,108 @@
+//! The live routing state built from one validated [`Config`]: router, upstream pools and
+//! the limits and timeouts new connections start with. Swapped whole on reload; every
+//! request and tunnel keeps the generation it started with.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
+use crate::router::Router;
+use crate::upstream::Upstream;
+
+/// A route as the request path uses it.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub config: RouteConfig,
+    /// `None` for builtin routes.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+/// One configuration generation.
+#[derive(Debug)]
+pub struct Gateway {
+    pub router: Router<Route>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+impl Gateway {
+    pub fn new(config: &Config) -> Self {
+        let upstreams: HashMap<String, Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.clone(), Arc::new(Upstream::new(u))))
+            .collect();
+        let routes = config.routes.iter().map(|r| {
+            let upstream = match &r.target {
+                RouteTarget::Upstream(name) => upstreams.get(name).cloned(),
+                RouteTarget::Builtin(_) => None,
+            };
+            let route = Route {
+                name: Arc::from(r.name.as_str()),
+                config: r.clone(),
+                upstream,
+            };
+            (r.host.clone(), r.path.clone(), Arc::new(route))
+        });
+        Gateway {
+            router: Router::new(routes),
+            upstreams,
+            timeouts: config.timeouts,
+            limits: config.limits,
+        }
+    }
+}
+
+/// State shared by every listener and connection of the process.
+#[derive(Debug)]
+pub struct Shared {
+    pub gateway: ArcSwap<Gateway>,
+    /// Source of connection ids (WebSocket tunnels and access-log lines).
+    next_id: AtomicU64,
+    /// Every upgraded tunnel runs on this tracker so shutdown can wait for them; hyper stops
+    /// seeing a connection once it hands over the upgraded socket.
+    pub tunnels: TaskTracker,
+    /// Cancelled when the process starts to shut down.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(config: &Config) -> Self {
+        Shared {
+            gateway: ArcSwap::from_pointee(Gateway::new(config)),
+            next_id: AtomicU64::new(1),
+            tunnels: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// What is known about one accepted client connection.
+#[derive(Debug)]
+pub struct ConnContext {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    pub tls: bool,
+}
+
+impl ConnContext {
+    pub fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Public listeners: the accept loop (TCP_NODELAY, backoff when file descriptors run out),
+//! optional TLS, and the HTTP/1.1 server that hands each request to the proxy service.
+
+pub mod tls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, warn};
+
+use crate::gateway::{ConnContext, Shared};
+use crate::proxy;
+
+/// Largest request head (request line plus headers) a client may send; larger gets 431.
+/// nginx's default large_client_header_buffers allow 32 KiB; cookies-heavy apps need about that.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// First pause of the accept loop when the process is out of file descriptors; doubles up to
+/// `ACCEPT_BACKOFF_MAX`, so an exhausted process neither spins nor stalls for long once fds free up.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A bound public listener, ready to serve.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub name: Arc<str>,
+    pub listener: TcpListener,
+    pub tls: Option<Arc<ServerConfig>>,
+}
+
+impl BoundListener {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Accepts connections until `shutdown` fires; each connection runs on `connections`.
+pub async fn serve(
+    bound: BoundListener,
+    shared: Arc<Shared>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let acceptor = bound.tls.clone().map(TlsAcceptor::from);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = bound.listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                error!(listener = %bound.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed: out of resources, pausing");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+            Err(e) => {
+                // ECONNABORTED and friends: the peer gave up before we accepted.
+                debug!(listener = %bound.name, error = %e, "accept failed");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = Arc::new(ConnContext {
+            listener: bound.name.clone(),
+            client: peer,
+            tls: acceptor.is_some(),
+        });
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            match acceptor {
+                None => serve_http(stream, ctx, shared, shutdown).await,
+                Some(acceptor) => serve_tls(stream, acceptor, ctx, shared, shutdown).await,
+            }
+        });
+    }
+    debug!(listener = %bound.name, "stopped accepting");
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12).
+    matches!(e.raw_os_error(), Some(24) | Some(23) | Some(105) | Some(12))
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    ctx: Arc<ConnContext>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    // The TLS handshake shares the request-head budget: a client that stalls in either is cut off.
+    let timeout = shared.gateway.load().timeouts.client_header;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => serve_http(tls, ctx, shared, shutdown).await,
+        Ok(Err(e)) => {
+            debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "TLS handshake failed")
+        }
+        Err(_) => {
+            debug!(listener = %ctx.listener, client = %ctx.client, "TLS handshake timed out")
+        }
+    }
+}
+
+async fn serve_http<S>(
+    stream: S,
+    ctx: Arc<ConnContext>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client_header = shared.gateway.load().timeouts.client_header;
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| proxy::handle(req, ctx.clone(), shared.clone()))
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(client_header)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() {
+            debug!(listener = %ctx.listener, client = %ctx.client, "client too slow to send its request head");
+        } else if e.is_incomplete_message() || e.is_canceled() {
+            debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "client went away");
+        } else {
+            warn!(listener = %ctx.listener, client = %ctx.client, error = %e, "HTTP connection error");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! WebSocket upgrades (RFC 6455 §4): checked before any upstream is touched, forwarded
+//! over a fresh HTTP/1.1 connection, the upstream's answer relayed as is, and on a verified
+//! 101 both sockets handed to the tunnel.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tracing::debug;
+
+use crate::error::ProxyError;
+use crate::gateway::{ConnContext, Route, Shared};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::headers::{self, ClientInfo};
+use crate::proxy::http::{connect_failure, upstream_uri};
+use crate::upstream::Upstream;
+use crate::ws::{self, TunnelInfo};
+
+/// RFC 6455 §1.3: the GUID appended to the key before hashing.
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// True for an HTTP/1.1 WebSocket upgrade: `Connection` lists `upgrade` and `Upgrade`
+/// lists `websocket` (any case, any order, any number of header lines).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && headers::has_token(req.headers(), &header::CONNECTION, "upgrade")
+        && headers::has_token(req.headers(), &header::UPGRADE, "websocket")
+}
+
+/// `Sec-WebSocket-Accept` for a client key.
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(ACCEPT_GUID);
+    BASE64.encode(sha.finalize())
+}
+
+/// Checks what wsgate can check itself and returns the client's key.
+pub fn validate<B>(req: &Request<B>, route: &Route) -> Result<HeaderValue, ProxyError> {
+    if req.method() != Method::GET {
+        return Err(ProxyError::BadHandshake("the method must be GET"));
+    }
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+    {
+        return Err(ProxyError::BadHandshake(
+            "an upgrade request must not have a body",
+        ));
+    }
+    let mut versions = h.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
+        _ => return Err(ProxyError::UnsupportedVersion),
+    }
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k,
+        (None, _) => return Err(ProxyError::BadHandshake("Sec-WebSocket-Key is missing")),
+        _ => return Err(ProxyError::BadHandshake("Sec-WebSocket-Key is repeated")),
+    };
+    match BASE64.decode(key.as_bytes().trim_ascii()) {
+        Ok(raw) if raw.len() == 16 => {}
+        _ => {
+            return Err(ProxyError::BadHandshake(
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            ))
+        }
+    }
+    if let Some(allowed) = &route.config.allowed_origins {
+        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        match origin {
+            Some(o) if allowed.iter().any(|a| a.eq_ignore_ascii_case(o)) => {}
+            Some(o) => return Err(ProxyError::OriginNotAllowed(o.to_string())),
+            None => return Err(ProxyError::OriginNotAllowed(String::new())),
+        }
+    }
+    Ok(key.clone())
+}
+
+/// Handles an upgrade on a route with an upstream: forward, verify, splice.
+pub async fn forward(
+    mut req: Request<Incoming>,
+    route: Arc<Route>,
+    upstream: Arc<Upstream>,
+    conn: Arc<ConnContext>,
+    shared: Arc<Shared>,
+    host: Option<&str>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let started = Instant::now();
+    let key = validate(&req, &route)?;
+    let upstream_req = upstream_request(&req, &route, &conn, host)?;
+    let timeouts = route.config.timeouts;
+
+    let mut last_connect_error = None;
+    let mut attempt = None;
+    for server in upstream.attempt_order(conn.client.ip()) {
+        match server.connect(timeouts.upstream_connect).await {
+            Ok(stream) => {
+                attempt = Some((server.clone(), stream));
+                break;
+            }
+            Err(e) => {
+                debug!(upstream = %upstream.name, error = %e, "upstream connect failed, trying the next server");
+                last_connect_error = Some(e);
+            }
+        }
+    }
+    let Some((server, stream)) = attempt else {
+        return Err(connect_failure(&upstream, last_connect_error));
+    };
+    let active = server.track();
+
+    let exchange = async {
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "upstream handshake connection ended with an error");
+            }
+        });
+        sender.send_request(upstream_req).await
+    };
+    let mut response = match tokio::time::timeout(timeouts.upstream_handshake, exchange).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            return Err(ProxyError::UpstreamBroken {
+                upstream: upstream.name.to_string(),
+                reason: format!("{}: {e}", server.label),
+            })
+        }
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: upstream.name.to_string(),
+                timeout_ms: timeouts.upstream_handshake.as_millis(),
+            })
+        }
+    };
+
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // Relayed as is: the upstream refused (401, 403, 404, ...) and the client should see why.
+        let (mut parts, body) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        return Ok(Response::from_parts(parts, ProxyBody::upstream(body, None)));
+    }
+    let expected = accept_key(key.as_bytes());
+    let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+    if accept.map(|a| a.as_bytes()) != Some(expected.as_bytes()) {
+        return Err(ProxyError::UpstreamBroken {
+            upstream: upstream.name.to_string(),
+            reason: format!(
+                "{} answered 101 with a wrong Sec-WebSocket-Accept",
+                server.label
+            ),
+        });
+    }
+
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let subprotocol = response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let info = TunnelInfo {
+        id: shared.next_id(),
+        client: conn.client,
+        listener: conn.listener.clone(),
+        route: route.name.clone(),
+        upstream: Some(upstream.name.clone()),
+        server: Some(server.label.clone()),
+        subprotocol,
+        timeouts,
+        started,
+    };
+    debug!(id = info.id, route = %info.route, server = %server.label, "upgraded");
+    shared.tunnels.spawn(async move {
+        let _active = active;
+        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                debug!(
+                    id = info.id,
+                    client_ok = c.is_ok(),
+                    upstream_ok = u.is_ok(),
+                    "upgrade did not complete"
+                );
+                return;
+            }
+        };
+        ws::tunnel(TokioIo::new(client), TokioIo::new(upstream), info).await;
+    });
+
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, ProxyBody::empty()))
+}
+
+/// The request sent to the upstream: same method, path and headers, hop-by-hop removed
+/// except the upgrade pair, forwarding headers added, no body.
+fn upstream_request<B>(
+    req: &Request<B>,
+    route: &Route,
+    conn: &ConnContext,
+    host: Option<&str>,
+) -> Result<Request<Empty<Bytes>>, ProxyError> {
+    let mut builder = Request::builder()
+        .method(Method::GET)
+        .uri(upstream_uri(req.uri(), route)?)
+        .version(http::Version::HTTP_11);
+    let upgrade = req.headers().get(header::UPGRADE).cloned();
+    let mut forwarded = req.headers().clone();
+    headers::remove_hop_by_hop(&mut forwarded);
+    headers::add_forwarding(
+        &mut forwarded,
+        ClientInfo {
+            ip: conn.client.ip(),
+            proto: conn.proto(),
+            host,
+        },
+    );
+    forwarded.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    forwarded.insert(
+        header::UPGRADE,
+        upgrade.unwrap_or(HeaderValue::from_static("websocket")),
+    );
+    if let Some(h) = builder.headers_mut() {
+        *h = forwarded;
+    }
+    builder
+        .body(Empty::new())
+        .map_err(|e| ProxyError::Internal(e.to_string()))
+}
+
+/// The 101 wsgate sends when it answers an upgrade itself (builtin routes).
+pub fn switching_protocols(key: &HeaderValue) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaGdhRpoczoaKcfvDM="
+        );
+    }
+}

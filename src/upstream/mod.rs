@@ -1,0 +1,128 @@
+//! Upstream pools: the servers behind a name, how one is chosen, how a connection to it is
+//! opened (with a timeout, falling over to the next server) and the idle HTTP/1.1
+//! connections kept for reuse.
+
+mod pool;
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::config::{Balance, ServerAddr, UpstreamConfig};
+
+pub use pool::{HttpSender, PooledSender};
+
+/// One named pool of servers, built from `[upstreams.NAME]`.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub servers: Vec<Arc<Server>>,
+    pub balance: Balance,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+/// One server of a pool.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: ServerAddr,
+    /// `host:port`, as used in logs and metric labels.
+    pub label: Arc<str>,
+    /// Live WebSockets plus in-flight requests on this server.
+    active: AtomicU64,
+    idle: pool::IdlePool,
+}
+
+/// Why connecting to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {server} failed: {source}")]
+    Io { server: Arc<str>, source: io::Error },
+    #[error("connecting to {server} timed out after {timeout:?}")]
+    Timeout { server: Arc<str>, timeout: Duration },
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Self {
+        Upstream {
+            name: Arc::from(config.name.as_str()),
+            servers: config
+                .servers
+                .iter()
+                .map(|addr| {
+                    Arc::new(Server {
+                        label: Arc::from(addr.to_string()),
+                        addr: addr.clone(),
+                        active: AtomicU64::new(0),
+                        idle: pool::IdlePool::default(),
+                    })
+                })
+                .collect(),
+            balance: config.balance.clone(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The servers in the order to try them: the balancer's pick first, then the others
+    /// in pool order, so a failed connect falls over to the next server.
+    pub fn attempt_order(&self, _client: IpAddr) -> impl Iterator<Item = &Arc<Server>> {
+        let n = self.servers.len();
+        let first = match n {
+            0 | 1 => 0,
+            _ => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        (0..n).map(move |i| &self.servers[(first + i) % n])
+    }
+}
+
+impl Server {
+    /// Opens a TCP connection with `TCP_NODELAY`, giving up after `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
+        let connect = TcpStream::connect((self.addr.host.as_str(), self.addr.port));
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(stream)) => {
+                // Small frames must not wait for Nagle; failure to set it is harmless.
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(source)) => Err(ConnectError::Io {
+                server: self.label.clone(),
+                source,
+            }),
+            Err(_) => Err(ConnectError::Timeout {
+                server: self.label.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Counts one live WebSocket or in-flight request until the guard is dropped.
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements a server's active count on drop.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Server>);
+
+impl ActiveGuard {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
