@@ -3,7 +3,6 @@
 //! 101 both sockets handed to the tunnel.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -22,7 +21,9 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
 use crate::proxy::http::{connect_failure, upstream_uri};
 use crate::upstream::Upstream;
-use crate::ws::{self, TunnelInfo};
+use crate::ws;
+use crate::ws::record::ConnRecord;
+use crate::ws::tunnel::TunnelSettings;
 
 /// RFC 6455 §1.3: the GUID appended to the key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -96,7 +97,6 @@ pub async fn forward(
     shared: Arc<Shared>,
     host: Option<&str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let started = Instant::now();
     let key = validate(&req, &route)?;
     let upstream_req = upstream_request(&req, &route, &conn, host)?;
     let timeouts = route.config.timeouts;
@@ -172,25 +172,27 @@ pub async fn forward(
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let info = TunnelInfo {
-        id: shared.next_id(),
-        client: conn.client,
-        listener: conn.listener.clone(),
-        route: route.name.clone(),
-        upstream: Some(upstream.name.clone()),
-        server: Some(server.label.clone()),
+    let record = Arc::new(ConnRecord::new(
+        shared.next_id(),
+        conn.client,
+        conn.listener.clone(),
+        route.name.clone(),
+        Some(upstream.name.clone()),
+        Some(server.label.clone()),
+        "HTTP/1.1",
         subprotocol,
-        timeouts,
-        started,
-    };
-    debug!(id = info.id, route = %info.route, server = %server.label, "upgraded");
+        std::time::Instant::now(),
+    ));
+    let settings = TunnelSettings::new(timeouts, &shared.gateway.load().limits);
+    debug!(id = record.id, route = %route.name, server = %server.label, "upgraded");
+    let tracked = shared.clone();
     shared.tunnels.spawn(async move {
         let _active = active;
         let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
                 debug!(
-                    id = info.id,
+                    id = record.id,
                     client_ok = c.is_ok(),
                     upstream_ok = u.is_ok(),
                     "upgrade did not complete"
@@ -198,7 +200,8 @@ pub async fn forward(
                 return;
             }
         };
-        ws::tunnel(TokioIo::new(client), TokioIo::new(upstream), info).await;
+        let _registered = tracked.connections.register(record.clone());
+        ws::relay(client, upstream, settings, record).await;
     });
 
     let (parts, _) = response.into_parts();

@@ -1,56 +1,145 @@
-//! WebSocket tunnels: what runs after a 101, from the splice between client and upstream
-//! to the builtin echo endpoint, ending with one access-log line per connection.
+//! WebSocket tunnels: what runs after a 101. The frame codec, the relay, keepalive policy,
+//! the per-connection record, and the builtin echo endpoint; one access-log line per
+//! connection when it ends.
 
+pub mod buffer;
+pub mod codec;
 pub mod echo;
+pub mod keepalive;
+pub mod record;
+pub mod tunnel;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
+use bytes::Bytes;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::config::Timeouts;
+use record::ConnRecord;
+use tunnel::{Outcome, Tunnel, TunnelSettings};
 
-/// Everything known about one upgraded connection, for its relay and its access-log line.
-#[derive(Debug)]
-pub struct TunnelInfo {
-    pub id: u64,
-    pub client: SocketAddr,
-    pub listener: Arc<str>,
-    pub route: Arc<str>,
-    /// `None` for builtin routes.
-    pub upstream: Option<Arc<str>>,
-    pub server: Option<Arc<str>>,
-    pub subprotocol: Option<String>,
-    /// The route's timeouts as they were when the connection was upgraded.
-    pub timeouts: Timeouts,
-    /// When the handshake started.
-    pub started: Instant,
+/// A client's upgraded connection, unwrapped from hyper where its type is known so the
+/// relay talks to the socket directly.
+pub enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Other(TokioIo<Upgraded>),
 }
 
-/// Carries an upgraded connection until both sides are done, then logs it.
-pub async fn tunnel<C, U>(mut client: C, mut upstream: U, info: TunnelInfo)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
+/// Unwraps an upgraded client connection and the bytes hyper read past the request.
+pub fn client_io(upgraded: Upgraded) -> (ClientIo, Bytes) {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return (ClientIo::Plain(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+        Ok(parts) => (
+            ClientIo::Tls(Box::new(parts.io.into_inner())),
+            parts.read_buf,
+        ),
+        Err(upgraded) => (ClientIo::Other(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+/// Relays an upgraded client connection to an upgraded upstream connection.
+pub async fn relay(
+    client: Upgraded,
+    upstream: Upgraded,
+    settings: TunnelSettings,
+    record: Arc<ConnRecord>,
+) {
+    let (upstream, upstream_early) = match upstream.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (Ok(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => (Err(TokioIo::new(upgraded)), Bytes::new()),
+    };
+    let (client, client_early) = client_io(client);
+    match upstream {
+        Ok(tcp) => relay_to(client, client_early, tcp, upstream_early, settings, record).await,
+        Err(other) => {
+            relay_to(
+                client,
+                client_early,
+                other,
+                upstream_early,
+                settings,
+                record,
+            )
+            .await
+        }
+    }
+}
+
+/// Runs the tunnel between any client connection and an upstream stream, then logs it.
+pub async fn relay_to<U>(
+    client: ClientIo,
+    client_early: Bytes,
+    upstream: U,
+    upstream_early: Bytes,
+    settings: TunnelSettings,
+    record: Arc<ConnRecord>,
+) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (up, down, error) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => (up, down, None),
-        Err(e) => (0, 0, Some(e)),
+    let outcome = match client {
+        ClientIo::Plain(c) => {
+            Tunnel::new(
+                c,
+                &client_early,
+                upstream,
+                &upstream_early,
+                settings,
+                record.clone(),
+            )
+            .await
+        }
+        ClientIo::Tls(c) => {
+            Tunnel::new(
+                c,
+                &client_early,
+                upstream,
+                &upstream_early,
+                settings,
+                record.clone(),
+            )
+            .await
+        }
+        ClientIo::Other(c) => {
+            Tunnel::new(
+                c,
+                &client_early,
+                upstream,
+                &upstream_early,
+                settings,
+                record.clone(),
+            )
+            .await
+        }
     };
+    access_log(&record, &outcome);
+}
+
+/// The one line written when a WebSocket connection ends.
+fn access_log(record: &ConnRecord, outcome: &Outcome) {
+    let frames = |counts: &tunnel::OpcodeCounts| counts.iter().sum::<u64>();
     info!(
         target: "wsgate::access",
-        id = info.id,
-        client = %info.client,
-        listener = %info.listener,
-        route = %info.route,
-        upstream = info.upstream.as_deref().unwrap_or("-"),
-        server = info.server.as_deref().unwrap_or("-"),
-        duration_ms = info.started.elapsed().as_millis() as u64,
-        bytes_client_to_upstream = up,
-        bytes_upstream_to_client = down,
-        error = error.as_ref().map(|e| e.to_string()),
+        id = record.id,
+        client = %record.client,
+        listener = %record.listener,
+        route = %record.route,
+        upstream = record.upstream.as_deref().unwrap_or("-"),
+        server = record.server.as_deref().unwrap_or("-"),
+        duration_ms = record.started.elapsed().as_millis() as u64,
+        bytes_client_to_upstream = outcome.bytes_client_to_upstream,
+        bytes_upstream_to_client = outcome.bytes_upstream_to_client,
+        frames_client_to_upstream = frames(&outcome.client_to_upstream),
+        frames_upstream_to_client = frames(&outcome.upstream_to_client),
+        closed_by = outcome.initiator.label(),
+        close_code = outcome.code.map(u64::from),
+        close_reason = outcome.reason.as_str(),
         "websocket closed"
     );
 }

@@ -1,0 +1,153 @@
+//! One record per live WebSocket: identity, counters the relay bumps once per read batch,
+//! and the close request channel the admin API and drain use.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+use atomic_waker::AtomicWaker;
+
+/// A direction of relayed traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl Direction {
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// Who ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+impl Initiator {
+    pub fn label(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Upstream => "upstream",
+            Initiator::Proxy => "proxy",
+        }
+    }
+}
+
+/// Live counters of one direction.
+#[derive(Debug, Default)]
+pub struct DirectionStats {
+    /// WebSocket bytes relayed, frame headers included.
+    pub bytes: AtomicU64,
+    pub frames: AtomicU64,
+}
+
+/// The shared record of one live connection.
+#[derive(Debug)]
+pub struct ConnRecord {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub upstream: Option<Arc<str>>,
+    pub server: Option<Arc<str>>,
+    pub http_version: &'static str,
+    pub subprotocol: Option<String>,
+    pub started: Instant,
+    pub client_to_upstream: DirectionStats,
+    pub upstream_to_client: DirectionStats,
+    /// Milliseconds since `started` at the last frame seen either way.
+    pub last_activity_ms: AtomicU64,
+    /// Round trip of the last answered keepalive ping, in microseconds; `u64::MAX` = none yet.
+    pub ping_rtt_us: AtomicU64,
+    /// Close code requested from outside (admin API, drain); 0 = none.
+    close_request: AtomicU32,
+    waker: AtomicWaker,
+}
+
+/// An outside request to close a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRequest {
+    /// `DELETE /connections/{id}`: close 1001 "closed by operator".
+    Operator,
+    /// Drain: close 1001 "going away".
+    Drain,
+}
+
+impl ConnRecord {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        client: SocketAddr,
+        listener: Arc<str>,
+        route: Arc<str>,
+        upstream: Option<Arc<str>>,
+        server: Option<Arc<str>>,
+        http_version: &'static str,
+        subprotocol: Option<String>,
+        started: Instant,
+    ) -> Self {
+        ConnRecord {
+            id,
+            client,
+            listener,
+            route,
+            upstream,
+            server,
+            http_version,
+            subprotocol,
+            started,
+            client_to_upstream: DirectionStats::default(),
+            upstream_to_client: DirectionStats::default(),
+            last_activity_ms: AtomicU64::new(0),
+            ping_rtt_us: AtomicU64::new(u64::MAX),
+            close_request: AtomicU32::new(0),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    pub fn stats(&self, direction: Direction) -> &DirectionStats {
+        match direction {
+            Direction::ClientToUpstream => &self.client_to_upstream,
+            Direction::UpstreamToClient => &self.upstream_to_client,
+        }
+    }
+
+    /// Asks the tunnel to close; the first request wins.
+    pub fn request_close(&self, request: CloseRequest) {
+        let code = match request {
+            CloseRequest::Operator => 1,
+            CloseRequest::Drain => 2,
+        };
+        let _ = self
+            .close_request
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.waker.wake();
+    }
+
+    /// Registers the tunnel's waker and returns a pending close request, if any.
+    pub fn poll_close_request(&self, waker: &Waker) -> Option<CloseRequest> {
+        self.waker.register(waker);
+        match self.close_request.load(Ordering::Acquire) {
+            1 => Some(CloseRequest::Operator),
+            2 => Some(CloseRequest::Drain),
+            _ => None,
+        }
+    }
+
+    pub fn ping_rtt_ms(&self) -> Option<f64> {
+        match self.ping_rtt_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(us as f64 / 1000.0),
+        }
+    }
+}

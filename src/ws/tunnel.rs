@@ -1,0 +1,1061 @@
+//! The frame-aware relay between a client and an upstream.
+//!
+//! Each direction reads into a borrowed buffer, parses frame headers as they arrive and
+//! writes the same bytes out unchanged (masks included) in one write per read batch; the
+//! payload is copied once, by the read. wsgate's own frames (keepalive pings, close frames)
+//! are written only on frame boundaries of the outgoing stream. A direction reads only once
+//! everything it read before is written (backpressure), and returns its buffer to the pool
+//! whenever its source has nothing to read, so an idle tunnel holds no buffer.
+//!
+//! The whole tunnel is one hand-written future: both directions, the keepalive timers and
+//! the close handshake share one task and one timer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Duration, Instant, Sleep};
+
+use crate::config::{Limits, Rate, Timeouts};
+use crate::ws::buffer::RelayBuf;
+use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
+use crate::ws::keepalive::{Keepalive, KeepaliveAction};
+use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
+
+/// How long a closing tunnel keeps reading (and discarding) after shutting its sockets, so
+/// unread input does not turn the close into a TCP reset that could destroy the close frame
+/// the peer has not read yet (nginx's lingering close).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Room for the control frames wsgate may queue on one output: a keepalive ping and a close.
+const INJECT_CAPACITY: usize = 2 * MAX_CONTROL_FRAME;
+
+/// Frames counted per opcode, indexed by [`opcode_index`].
+pub type OpcodeCounts = [u64; 6];
+
+/// Labels matching [`OpcodeCounts`] positions.
+pub const OPCODE_LABELS: [&str; 6] = ["continuation", "text", "binary", "close", "ping", "pong"];
+
+fn opcode_index(op: OpCode) -> usize {
+    match op {
+        OpCode::Continuation => 0,
+        OpCode::Text => 1,
+        OpCode::Binary => 2,
+        OpCode::Close => 3,
+        OpCode::Ping => 4,
+        OpCode::Pong => 5,
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Who sent the first close frame (or dropped first).
+    pub initiator: Initiator,
+    /// The first close frame's code; `None` when the connection was dropped without one
+    /// or the close frame carried no code.
+    pub code: Option<u16>,
+    pub reason: String,
+    pub client_to_upstream: OpcodeCounts,
+    pub upstream_to_client: OpcodeCounts,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    pub pings_sent: u64,
+    pub pong_timeouts: u64,
+    pub idle_timeouts: u64,
+    /// Round trips of every answered keepalive ping to the client.
+    pub last_rtt: Option<Duration>,
+}
+
+/// Per-connection settings, fixed when the tunnel starts.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelSettings {
+    pub timeouts: Timeouts,
+    pub max_frame_size: u64,
+    pub max_frame_rate: Option<Rate>,
+}
+
+impl TunnelSettings {
+    pub fn new(timeouts: Timeouts, limits: &Limits) -> Self {
+        TunnelSettings {
+            timeouts,
+            max_frame_size: limits.max_frame_size,
+            max_frame_rate: limits.max_frame_rate,
+        }
+    }
+}
+
+/// A close wsgate writes into one output stream.
+#[derive(Debug, Clone, Copy)]
+struct CloseFrame {
+    code: u16,
+    reason: &'static str,
+}
+
+/// Control frames queued for one output, written at its next frame boundary.
+struct Inject {
+    bytes: [u8; INJECT_CAPACITY],
+    len: usize,
+    written: usize,
+    /// The queue ends with a close frame: nothing may follow it on this output.
+    has_close: bool,
+}
+
+impl Inject {
+    fn new() -> Self {
+        Inject {
+            bytes: [0; INJECT_CAPACITY],
+            len: 0,
+            written: 0,
+            has_close: false,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.written < self.len
+    }
+
+    /// Queues a control frame; ignored once a close is queued or if there is no room.
+    fn push(&mut self, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+        if self.has_close {
+            return;
+        }
+        if !self.pending() {
+            self.len = 0;
+            self.written = 0;
+        }
+        if self.len + MAX_CONTROL_FRAME > INJECT_CAPACITY {
+            return;
+        }
+        let mut frame = [0u8; MAX_CONTROL_FRAME];
+        let n = codec::encode_control(opcode, payload, mask, &mut frame);
+        self.bytes[self.len..self.len + n].copy_from_slice(&frame[..n]);
+        self.len += n;
+        if opcode == OpCode::Close {
+            self.has_close = true;
+        }
+    }
+}
+
+/// What one direction noticed while reading, for the tunnel to act on.
+#[derive(Debug, Default)]
+struct Events {
+    /// Any frame arrived (keepalive).
+    heard: bool,
+    /// A data frame arrived (idle timer).
+    data: bool,
+    /// wsgate's own pong arrived, with its round trip.
+    pong_rtt: Option<Duration>,
+}
+
+/// One direction: reads `src`, writes `dst`.
+struct Half {
+    direction: Direction,
+    decoder: Decoder,
+    /// Borrowed while bytes are in flight; `[0, wpos)` written, `[wpos, scan)` approved
+    /// for writing, `[scan, filled)` read but not yet parsed (a partial header or control frame).
+    buf: Option<RelayBuf>,
+    wpos: usize,
+    scan: usize,
+    filled: usize,
+    /// Payload bytes of the current data frame still to come.
+    frame_left: u64,
+    inject: Inject,
+    /// wsgate's close went out on `dst`: whatever `src` still sends is read and dropped.
+    discarding: bool,
+    /// A close frame (forwarded or wsgate's) was written or approved towards `dst`.
+    dst_closed: bool,
+    /// `src` has nothing more to say: it sent a close frame, EOF, an error, or broke the protocol.
+    src_done: bool,
+    /// `src` sent a close frame: its code (None for an empty close).
+    src_close: Option<Option<u16>>,
+    /// `src` ended without a close frame (EOF or error).
+    src_dropped: bool,
+    /// `src` reached EOF or failed.
+    src_eof: bool,
+    /// `src` broke the protocol or a limit.
+    violation: Option<Violation>,
+    /// Bytes and frames not yet added to the connection record.
+    unflushed_bytes: u64,
+    unflushed_frames: u64,
+    /// Writing to `dst` failed: the peer is gone.
+    dst_failed: bool,
+    /// Shut down after the tunnel finished.
+    dst_shut: bool,
+    /// Frame-rate limiter (client direction only).
+    rate: Option<TokenBucket>,
+    frames: OpcodeCounts,
+    bytes: u64,
+}
+
+impl Half {
+    fn new(
+        direction: Direction,
+        role: Role,
+        max_payload: u64,
+        rate: Option<Rate>,
+        now: Instant,
+    ) -> Self {
+        Half {
+            direction,
+            decoder: Decoder::new(role, max_payload),
+            buf: None,
+            wpos: 0,
+            scan: 0,
+            filled: 0,
+            frame_left: 0,
+            inject: Inject::new(),
+            discarding: false,
+            dst_closed: false,
+            src_done: false,
+            src_close: None,
+            src_dropped: false,
+            src_eof: false,
+            violation: None,
+            unflushed_bytes: 0,
+            unflushed_frames: 0,
+            dst_failed: false,
+            dst_shut: false,
+            rate: rate.map(|r| TokenBucket::new(r, now)),
+            frames: [0; 6],
+            bytes: 0,
+        }
+    }
+
+    /// Bytes already read before the tunnel started (hyper may read past the handshake).
+    fn prefill(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let buf = self.buf.get_or_insert_with(RelayBuf::take);
+        let n = bytes.len().min(buf.len());
+        buf[..n].copy_from_slice(&bytes[..n]);
+        self.filled = n;
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.frame_left == 0
+    }
+
+    /// Whether everything approved and queued is written (or can never be: `dst` failed, or
+    /// `src` ended in the middle of a frame so no boundary will come for wsgate's frames).
+    fn flushed(&self) -> bool {
+        self.wpos == self.scan
+            && (!self.inject.pending() || self.dst_failed || (self.src_done && !self.at_boundary()))
+    }
+
+    /// Writes approved bytes, then queued control frames at a frame boundary.
+    /// Returns whether anything was written (or failed).
+    fn poll_write<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> bool {
+        if self.dst_failed {
+            let progressed = self.wpos != self.scan;
+            self.wpos = self.scan;
+            return progressed;
+        }
+        let mut progressed = false;
+        loop {
+            if self.wpos < self.scan {
+                let Some(buf) = self.buf.as_ref() else {
+                    self.wpos = self.scan;
+                    continue;
+                };
+                let Poll::Ready(result) =
+                    Pin::new(&mut *dst).poll_write(cx, &buf[self.wpos..self.scan])
+                else {
+                    return progressed;
+                };
+                progressed = true;
+                match result {
+                    Ok(0) | Err(_) => {
+                        self.dst_failed = true;
+                        self.wpos = self.scan;
+                        return true;
+                    }
+                    Ok(n) => self.wpos += n,
+                }
+            } else if self.inject.pending() && self.at_boundary() {
+                let inject = &mut self.inject;
+                let Poll::Ready(result) =
+                    Pin::new(&mut *dst).poll_write(cx, &inject.bytes[inject.written..inject.len])
+                else {
+                    return progressed;
+                };
+                progressed = true;
+                match result {
+                    Ok(0) | Err(_) => {
+                        self.dst_failed = true;
+                        return true;
+                    }
+                    Ok(n) => {
+                        inject.written += n;
+                        if !inject.pending() && inject.has_close {
+                            self.dst_closed = true;
+                            self.discarding = true;
+                        }
+                    }
+                }
+            } else {
+                return progressed;
+            }
+        }
+    }
+
+    /// Reads once from `src` (when everything before is written) and parses what came.
+    /// Returns whether anything happened.
+    fn poll_read<R: AsyncRead + Unpin>(
+        &mut self,
+        src: &mut R,
+        cx: &mut Context<'_>,
+        keepalive: &mut Keepalive,
+        now: Instant,
+        events: &mut Events,
+    ) -> bool {
+        if self.src_done || !self.flushed() {
+            return false;
+        }
+        // Everything approved is written: move the unparsed tail (< one control frame) to the front.
+        if self.scan > 0 {
+            if let Some(buf) = self.buf.as_mut() {
+                buf.copy_within(self.scan..self.filled, 0);
+            }
+            self.filled -= self.scan;
+            self.wpos = 0;
+            self.scan = 0;
+        }
+        // Bytes left unparsed last time (behind a queued close, say) come first.
+        if self.filled > 0 {
+            let before = (self.scan, self.filled);
+            self.parse(keepalive, now, events);
+            if (self.scan, self.filled) != before || self.src_done {
+                return true;
+            }
+        }
+        let buf = self.buf.get_or_insert_with(RelayBuf::take);
+        let mut read_buf = ReadBuf::new(&mut buf[self.filled..]);
+        match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
+            Poll::Pending => {
+                if self.filled == 0 {
+                    // Nothing in flight: give the buffer back while the source is quiet.
+                    self.buf = None;
+                }
+                false
+            }
+            Poll::Ready(Ok(())) if read_buf.filled().is_empty() => {
+                self.end_of_input();
+                true
+            }
+            Poll::Ready(Ok(())) => {
+                let n = read_buf.filled().len();
+                self.filled += n;
+                self.parse(keepalive, now, events);
+                true
+            }
+            Poll::Ready(Err(_)) => {
+                self.end_of_input();
+                true
+            }
+        }
+    }
+
+    fn end_of_input(&mut self) {
+        self.src_done = true;
+        self.src_eof = true;
+        if self.src_close.is_none() {
+            self.src_dropped = true;
+        }
+        // An unfinished partial frame can never be completed; drop it.
+        self.filled = self.scan;
+    }
+
+    /// Parses frames in `[scan, filled)`, approving whole headers, payload as it arrives and
+    /// whole control frames; consumes wsgate's own pongs.
+    fn parse(&mut self, keepalive: &mut Keepalive, now: Instant, events: &mut Events) {
+        let Some(buf) = self.buf.as_mut() else {
+            return;
+        };
+        let batch_start = self.scan;
+        let mut frames = 0u64;
+        loop {
+            if self.frame_left > 0 {
+                let available = (self.filled - self.scan) as u64;
+                let take = available.min(self.frame_left);
+                self.scan += take as usize;
+                self.frame_left -= take;
+                if self.frame_left > 0 {
+                    break;
+                }
+                continue;
+            }
+            if self.scan == self.filled {
+                break;
+            }
+            // Once wsgate's close is queued, no new frame may go out before it.
+            if self.inject.has_close && !self.discarding {
+                break;
+            }
+            let header = match self.decoder.parse_header(&buf[self.scan..self.filled]) {
+                Ok(Some(header)) => header,
+                Ok(None) => break,
+                Err(e) => {
+                    self.violation = Some(Violation::Frame(e));
+                    self.src_done = true;
+                    self.filled = self.scan;
+                    break;
+                }
+            };
+            let header_len = header.header_len as usize;
+            if header.opcode.is_control() {
+                let total = header_len + header.payload_len as usize;
+                if self.filled - self.scan < total {
+                    // Wait for the whole control frame; the codec keeps no state for these.
+                    break;
+                }
+                let mut payload = [0u8; 125];
+                let len = header.payload_len as usize;
+                payload[..len].copy_from_slice(&buf[self.scan + header_len..self.scan + total]);
+                if let Some(key) = header.mask {
+                    codec::apply_mask(&mut payload[..len], key, 0);
+                }
+                let payload = &payload[..len];
+                self.frames[opcode_index(header.opcode)] += 1;
+                frames += 1;
+                events.heard = true;
+                match header.opcode {
+                    OpCode::Pong => {
+                        if let Some(rtt) = keepalive.is_our_pong(payload, now) {
+                            // wsgate's own: cut it out of the stream.
+                            events.pong_rtt = Some(rtt);
+                            buf.copy_within(self.scan + total..self.filled, self.scan);
+                            self.filled -= total;
+                            continue;
+                        }
+                    }
+                    OpCode::Close => match codec::parse_close_payload(payload) {
+                        Ok(code) => {
+                            self.src_close = Some(code.map(|(c, _)| c));
+                            self.src_done = true;
+                            if !self.discarding {
+                                self.dst_closed = true;
+                            }
+                            self.scan += total;
+                            // Nothing may follow a close frame.
+                            self.filled = self.scan;
+                            break;
+                        }
+                        Err(e) => {
+                            self.violation = Some(Violation::Frame(e));
+                            self.src_done = true;
+                            self.filled = self.scan;
+                            break;
+                        }
+                    },
+                    _ => {}
+                }
+                self.scan += total;
+            } else {
+                if let Some(bucket) = self.rate.as_mut() {
+                    if !bucket.take(now) {
+                        self.violation = Some(Violation::RateLimit);
+                        self.src_done = true;
+                        self.filled = self.scan;
+                        break;
+                    }
+                }
+                self.frames[opcode_index(header.opcode)] += 1;
+                frames += 1;
+                events.heard = true;
+                events.data = true;
+                self.scan += header_len;
+                self.frame_left = header.payload_len;
+            }
+        }
+        let relayed = (self.scan - batch_start) as u64;
+        self.bytes += relayed;
+        self.unflushed_bytes += relayed;
+        self.unflushed_frames += frames;
+        if self.discarding {
+            // wsgate's close already went out on this output: drop what the peer still sends.
+            self.wpos = self.scan;
+        }
+    }
+}
+
+/// Token bucket for `max_frame_rate`: burst of one period's worth.
+#[derive(Debug)]
+struct TokenBucket {
+    capacity: f64,
+    tokens: f64,
+    per_second: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: Rate, now: Instant) -> Self {
+        let capacity = rate.count as f64;
+        TokenBucket {
+            capacity,
+            tokens: capacity,
+            per_second: capacity / rate.per.as_secs_f64().max(f64::MIN_POSITIVE),
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A broken rule on one input.
+#[derive(Debug, Clone, Copy)]
+enum Violation {
+    Frame(FrameError),
+    RateLimit,
+}
+
+/// Where the tunnel is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Relaying,
+    /// Flushing and shutting both outputs.
+    ShuttingDown,
+    /// Reading and dropping what is left so the sockets close without a reset.
+    Lingering,
+    Done,
+}
+
+/// Most loop turns one poll may take before yielding to other tasks.
+const MAX_TURNS_PER_POLL: u32 = 32;
+
+/// The relay of one upgraded connection; resolves when both sockets are shut.
+pub struct Tunnel<C, U> {
+    client: C,
+    upstream: U,
+    /// Client -> upstream.
+    c2u: Half,
+    /// Upstream -> client.
+    u2c: Half,
+    client_ka: Keepalive,
+    upstream_ka: Keepalive,
+    settings: TunnelSettings,
+    record: Arc<ConnRecord>,
+    last_data: Instant,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Instant,
+    /// Set once a close started: by then both sides must be done.
+    deadline: Option<Instant>,
+    /// wsgate decided to close (timeouts, violations, requests).
+    proxy_closing: bool,
+    /// Who closed first, with what code and reason.
+    first_close: Option<(Initiator, Option<u16>, &'static str)>,
+    phase: Phase,
+    linger_until: Option<Instant>,
+    pong_timeouts: u64,
+    idle_timeouts: u64,
+    last_rtt: Option<Duration>,
+    /// When the tunnel started, on the tokio clock.
+    start_clock: Instant,
+}
+
+impl<C, U> Tunnel<C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    /// `client_early` and `upstream_early` are bytes read past the handshake by the HTTP layer.
+    pub fn new(
+        client: C,
+        client_early: &[u8],
+        upstream: U,
+        upstream_early: &[u8],
+        settings: TunnelSettings,
+        record: Arc<ConnRecord>,
+    ) -> Self {
+        let now = Instant::now();
+        let t = &settings.timeouts;
+        let mut c2u = Half::new(
+            Direction::ClientToUpstream,
+            Role::Client,
+            settings.max_frame_size,
+            settings.max_frame_rate,
+            now,
+        );
+        c2u.prefill(client_early);
+        let mut u2c = Half::new(
+            Direction::UpstreamToClient,
+            Role::Server,
+            u64::MAX,
+            None,
+            now,
+        );
+        u2c.prefill(upstream_early);
+        let first = now + t.idle;
+        Tunnel {
+            client,
+            upstream,
+            c2u,
+            u2c,
+            client_ka: Keepalive::new(t.ping_interval, t.pong_timeout, now),
+            upstream_ka: Keepalive::new(t.upstream_ping_interval, t.pong_timeout, now),
+            settings,
+            record,
+            last_data: now,
+            timer: Box::pin(tokio::time::sleep_until(first)),
+            timer_at: first,
+            deadline: None,
+            proxy_closing: false,
+            first_close: None,
+            phase: Phase::Relaying,
+            linger_until: None,
+            pong_timeouts: 0,
+            idle_timeouts: 0,
+            last_rtt: None,
+            start_clock: now,
+        }
+    }
+
+    /// wsgate closes: `to_client` and `to_upstream` go out at the next frame boundaries.
+    fn proxy_close(&mut self, to_client: CloseFrame, to_upstream: CloseFrame, now: Instant) {
+        if self.proxy_closing {
+            return;
+        }
+        self.proxy_closing = true;
+        if self.first_close.is_none() {
+            self.first_close = Some((Initiator::Proxy, Some(to_client.code), to_client.reason));
+        }
+        let mut payload = [0u8; 125];
+        if !self.u2c.dst_closed && !self.u2c.dst_failed {
+            let n = codec::close_payload(to_client.code, to_client.reason, &mut payload);
+            self.u2c.inject.push(OpCode::Close, &payload[..n], None);
+        }
+        if !self.c2u.dst_closed && !self.c2u.dst_failed {
+            let n = codec::close_payload(to_upstream.code, to_upstream.reason, &mut payload);
+            self.c2u
+                .inject
+                .push(OpCode::Close, &payload[..n], Some(codec::random_mask()));
+        }
+        self.start_deadline(now);
+    }
+
+    fn start_deadline(&mut self, now: Instant) {
+        if self.deadline.is_none() {
+            self.deadline = Some(now + self.settings.timeouts.shutdown_grace);
+        }
+    }
+
+    /// Acts on what the two directions noticed.
+    fn handle_events(&mut self, client: Events, upstream: Events, now: Instant) {
+        if client.heard {
+            self.client_ka.heard(now);
+        }
+        if upstream.heard {
+            self.upstream_ka.heard(now);
+        }
+        if client.data || upstream.data {
+            self.last_data = now;
+        }
+        if let Some(rtt) = client.pong_rtt {
+            self.last_rtt = Some(rtt);
+            self.record
+                .ping_rtt_us
+                .store(rtt.as_micros() as u64, Ordering::Relaxed);
+        }
+        if client.heard || upstream.heard {
+            let ms = now.saturating_duration_since(self.started()).as_millis() as u64;
+            self.record.last_activity_ms.store(ms, Ordering::Relaxed);
+        }
+
+        // Close frames from the peers: forwarded as they are; the other side answers.
+        if let Some(code) = self.c2u.src_close {
+            if self.first_close.is_none() {
+                self.first_close = Some((Initiator::Client, code, ""));
+            }
+            self.start_deadline(now);
+        }
+        if let Some(code) = self.u2c.src_close {
+            if self.first_close.is_none() {
+                self.first_close = Some((Initiator::Upstream, code, ""));
+            }
+            self.start_deadline(now);
+        }
+
+        if let Some(v) = self.c2u.violation.take() {
+            let (code, reason) = match v {
+                Violation::Frame(e) => (e.close_code(), client_reason(e)),
+                Violation::RateLimit => (1008, "rate limit"),
+            };
+            self.proxy_close(
+                CloseFrame { code, reason },
+                CloseFrame {
+                    code: 1001,
+                    reason: "client error",
+                },
+                now,
+            );
+        }
+        if let Some(_v) = self.u2c.violation.take() {
+            self.proxy_close(
+                CloseFrame {
+                    code: 1014,
+                    reason: "bad gateway",
+                },
+                CloseFrame {
+                    code: 1002,
+                    reason: "protocol error",
+                },
+                now,
+            );
+        }
+
+        // A side that vanished without a close frame.
+        let client_gone =
+            (self.c2u.src_dropped || self.u2c.dst_failed) && self.c2u.src_close.is_none();
+        let upstream_gone =
+            (self.u2c.src_dropped || self.c2u.dst_failed) && self.u2c.src_close.is_none();
+        if client_gone && !self.proxy_closing {
+            if self.first_close.is_none() {
+                self.first_close = Some((Initiator::Client, None, "client gone"));
+            }
+            self.proxy_close_one_side_gone(
+                CloseFrame {
+                    code: 1001,
+                    reason: "client gone",
+                },
+                Direction::ClientToUpstream,
+                now,
+            );
+        } else if upstream_gone && !self.proxy_closing {
+            if self.first_close.is_none() {
+                self.first_close = Some((Initiator::Upstream, None, "upstream gone"));
+            }
+            self.proxy_close_one_side_gone(
+                CloseFrame {
+                    code: 1014,
+                    reason: "bad gateway",
+                },
+                Direction::UpstreamToClient,
+                now,
+            );
+        }
+    }
+
+    /// One peer vanished: tell the other one (if no close went its way yet) and stop.
+    fn proxy_close_one_side_gone(&mut self, frame: CloseFrame, towards: Direction, now: Instant) {
+        self.proxy_closing = true;
+        let half = match towards {
+            Direction::ClientToUpstream => &mut self.c2u,
+            Direction::UpstreamToClient => &mut self.u2c,
+        };
+        if !half.dst_closed && !half.dst_failed {
+            let mut payload = [0u8; 125];
+            let n = codec::close_payload(frame.code, frame.reason, &mut payload);
+            let mask = match towards {
+                Direction::ClientToUpstream => Some(codec::random_mask()),
+                Direction::UpstreamToClient => None,
+            };
+            half.inject.push(OpCode::Close, &payload[..n], mask);
+        }
+        // The vanished side will say nothing more.
+        match towards {
+            Direction::ClientToUpstream => self.c2u.src_done = true,
+            Direction::UpstreamToClient => self.u2c.src_done = true,
+        }
+        self.start_deadline(now);
+    }
+
+    fn started(&self) -> Instant {
+        self.start_clock
+    }
+
+    /// Fires the keepalive and idle timers.
+    fn run_timers(&mut self, now: Instant) {
+        if self.proxy_closing || self.deadline.is_some() {
+            return;
+        }
+        match self.client_ka.poll(now) {
+            KeepaliveAction::Ping(token) => self.u2c.inject.push(OpCode::Ping, &token, None),
+            KeepaliveAction::Dead => {
+                self.pong_timeouts += 1;
+                self.proxy_close(
+                    CloseFrame {
+                        code: 1001,
+                        reason: "ping timeout",
+                    },
+                    CloseFrame {
+                        code: 1001,
+                        reason: "client unresponsive",
+                    },
+                    now,
+                );
+                return;
+            }
+            KeepaliveAction::None => {}
+        }
+        match self.upstream_ka.poll(now) {
+            KeepaliveAction::Ping(token) => {
+                self.c2u
+                    .inject
+                    .push(OpCode::Ping, &token, Some(codec::random_mask()))
+            }
+            KeepaliveAction::Dead => {
+                self.proxy_close(
+                    CloseFrame {
+                        code: 1014,
+                        reason: "upstream unresponsive",
+                    },
+                    CloseFrame {
+                        code: 1001,
+                        reason: "ping timeout",
+                    },
+                    now,
+                );
+                return;
+            }
+            KeepaliveAction::None => {}
+        }
+        if now >= self.last_data + self.settings.timeouts.idle {
+            self.idle_timeouts += 1;
+            let idle = CloseFrame {
+                code: 1001,
+                reason: "idle timeout",
+            };
+            self.proxy_close(idle, idle, now);
+        }
+    }
+
+    /// The next instant a timer has something to do.
+    fn next_deadline(&self) -> Instant {
+        if let Some(deadline) = self.deadline {
+            return deadline;
+        }
+        let mut next = self.last_data + self.settings.timeouts.idle;
+        for d in [
+            self.client_ka.next_deadline(),
+            self.upstream_ka.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            next = next.min(d);
+        }
+        next
+    }
+
+    fn flush_record(&mut self) {
+        for half in [&mut self.c2u, &mut self.u2c] {
+            if half.unflushed_bytes > 0 || half.unflushed_frames > 0 {
+                let stats = self.record.stats(half.direction);
+                stats
+                    .bytes
+                    .fetch_add(half.unflushed_bytes, Ordering::Relaxed);
+                stats
+                    .frames
+                    .fetch_add(half.unflushed_frames, Ordering::Relaxed);
+                half.unflushed_bytes = 0;
+                half.unflushed_frames = 0;
+            }
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        let (initiator, code, reason) = self.first_close.unwrap_or((Initiator::Proxy, None, ""));
+        Outcome {
+            initiator,
+            code,
+            reason: reason.to_string(),
+            client_to_upstream: self.c2u.frames,
+            upstream_to_client: self.u2c.frames,
+            bytes_client_to_upstream: self.c2u.bytes,
+            bytes_upstream_to_client: self.u2c.bytes,
+            pings_sent: self.client_ka.pings_sent + self.upstream_ka.pings_sent,
+            pong_timeouts: self.pong_timeouts,
+            idle_timeouts: self.idle_timeouts,
+            last_rtt: self.last_rtt,
+        }
+    }
+
+    /// Relaying: moves bytes both ways until nothing more can happen right now.
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        for _ in 0..MAX_TURNS_PER_POLL {
+            let now = Instant::now();
+            if !self.proxy_closing {
+                if let Some(request) = self.record.poll_close_request(cx.waker()) {
+                    let reason = match request {
+                        CloseRequest::Operator => "closed by operator",
+                        CloseRequest::Drain => "going away",
+                    };
+                    let frame = CloseFrame { code: 1001, reason };
+                    self.proxy_close(frame, frame, now);
+                }
+            }
+            self.run_timers(now);
+
+            let mut progressed = self.c2u.poll_write(&mut self.upstream, cx);
+            progressed |= self.u2c.poll_write(&mut self.client, cx);
+            let mut from_client = Events::default();
+            let mut from_upstream = Events::default();
+            progressed |= self.c2u.poll_read(
+                &mut self.client,
+                cx,
+                &mut self.client_ka,
+                now,
+                &mut from_client,
+            );
+            progressed |= self.u2c.poll_read(
+                &mut self.upstream,
+                cx,
+                &mut self.upstream_ka,
+                now,
+                &mut from_upstream,
+            );
+            self.handle_events(from_client, from_upstream, now);
+            self.flush_record();
+
+            let both_done = self.c2u.src_done && self.u2c.src_done;
+            if both_done && self.c2u.flushed() && self.u2c.flushed() {
+                return Poll::Ready(());
+            }
+            if self.deadline.is_some_and(|d| now >= d) {
+                return Poll::Ready(());
+            }
+            if progressed {
+                continue;
+            }
+            let next = self.next_deadline();
+            if next != self.timer_at {
+                self.timer_at = next;
+                self.timer.as_mut().reset(next);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        // Busy: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Shuts both outputs (FIN, or TLS close_notify then FIN).
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.u2c.dst_shut {
+            match Pin::new(&mut self.client).poll_shutdown(cx) {
+                Poll::Ready(_) => self.u2c.dst_shut = true,
+                Poll::Pending => {}
+            }
+        }
+        if !self.c2u.dst_shut {
+            match Pin::new(&mut self.upstream).poll_shutdown(cx) {
+                Poll::Ready(_) => self.c2u.dst_shut = true,
+                Poll::Pending => {}
+            }
+        }
+        if self.u2c.dst_shut && self.c2u.dst_shut {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Reads and drops input until both peers closed their side, so no reset is sent.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut scratch = [0u8; 512];
+        if !self.c2u.src_eof {
+            self.c2u.src_eof = drain_to_eof(&mut self.client, &mut scratch, cx);
+        }
+        if !self.u2c.src_eof {
+            self.u2c.src_eof = drain_to_eof(&mut self.upstream, &mut scratch, cx);
+        }
+        if self.c2u.src_eof && self.u2c.src_eof {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Arms the timer for `at`; true when `at` has passed.
+    fn timer_expired(&mut self, at: Instant, cx: &mut Context<'_>) -> bool {
+        if at != self.timer_at {
+            self.timer_at = at;
+            self.timer.as_mut().reset(at);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// Reads and drops bytes until EOF (true) or until nothing is ready (false).
+fn drain_to_eof<R: AsyncRead + Unpin>(
+    src: &mut R,
+    scratch: &mut [u8],
+    cx: &mut Context<'_>,
+) -> bool {
+    loop {
+        let mut read_buf = ReadBuf::new(scratch);
+        match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
+            Poll::Ready(Ok(())) if read_buf.filled().is_empty() => return true,
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(_)) => return true,
+            Poll::Pending => return false,
+        }
+    }
+}
+
+impl<C, U> Future for Tunnel<C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        loop {
+            match this.phase {
+                Phase::Relaying => {
+                    ready!(this.poll_relay(cx));
+                    // Relay buffers are not needed any more.
+                    this.c2u.buf = None;
+                    this.u2c.buf = None;
+                    this.flush_record();
+                    this.linger_until = Some(Instant::now() + LINGER);
+                    this.phase = Phase::ShuttingDown;
+                }
+                Phase::ShuttingDown => {
+                    let until = this.linger_until.unwrap_or_else(Instant::now);
+                    if this.poll_shutdown(cx).is_ready() || this.timer_expired(until, cx) {
+                        this.phase = Phase::Lingering;
+                    } else {
+                        return Poll::Pending;
+                    }
+                }
+                Phase::Lingering => {
+                    let until = this.linger_until.unwrap_or_else(Instant::now);
+                    if this.poll_linger(cx).is_ready() || this.timer_expired(until, cx) {
+                        this.phase = Phase::Done;
+                    } else {
+                        return Poll::Pending;
+                    }
+                }
+                Phase::Done => return Poll::Ready(this.outcome()),
+            }
+        }
+    }
+}
+
+/// The reason sent to a client for each kind of broken frame.
+fn client_reason(e: FrameError) -> &'static str {
+    match e.close_code() {
+        1009 => "frame too big",
+        1007 => "invalid close reason",
+        _ => "protocol error",
+    }
+}
