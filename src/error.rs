@@ -3,6 +3,7 @@
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::metrics::RejectReason;
 use crate::proxy::body::ProxyBody;
 
 /// Who caused a failure; logs and metrics use it to tell a broken client from a broken backend.
@@ -64,6 +65,18 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Blame::Upstream,
             ProxyError::Internal(_) => Blame::Internal,
+        }
+    }
+
+    /// The `wsgate_rejected_total` reason, for refusals wsgate makes itself.
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self {
+            ProxyError::NoRoute { .. } => Some(RejectReason::NoRoute),
+            ProxyError::BadHandshake(_) | ProxyError::UnsupportedVersion => {
+                Some(RejectReason::BadHandshake)
+            }
+            ProxyError::OriginNotAllowed(_) => Some(RejectReason::Origin),
+            _ => None,
         }
     }
 

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Router;
 use crate::upstream::Upstream;
 use crate::ws::record::ConnRecord;
@@ -23,6 +24,7 @@ pub struct Route {
     pub config: RouteConfig,
     /// `None` for builtin routes.
     pub upstream: Option<Arc<Upstream>>,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// One configuration generation.
@@ -35,11 +37,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Self {
         let upstreams: HashMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| (u.name.clone(), Arc::new(Upstream::new(u))))
+            .map(|u| (u.name.clone(), Arc::new(Upstream::new(u, metrics))))
             .collect();
         let routes = config.routes.iter().map(|r| {
             let upstream = match &r.target {
@@ -50,6 +52,7 @@ impl Gateway {
                 name: Arc::from(r.name.as_str()),
                 config: r.clone(),
                 upstream,
+                metrics: Arc::new(metrics.route(&r.name)),
             };
             (r.host.clone(), r.path.clone(), Arc::new(route))
         });
@@ -66,6 +69,7 @@ impl Gateway {
 #[derive(Debug)]
 pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
+    pub metrics: Arc<Metrics>,
     /// Source of connection ids (WebSocket tunnels and access-log lines).
     next_id: AtomicU64,
     /// Every upgraded tunnel runs on this tracker so shutdown can wait for them; hyper stops
@@ -79,8 +83,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: &Config) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Shared {
-            gateway: ArcSwap::from_pointee(Gateway::new(config)),
+            gateway: ArcSwap::from_pointee(Gateway::new(config, &metrics)),
+            metrics,
             next_id: AtomicU64::new(1),
             tunnels: TaskTracker::new(),
             shutdown: CancellationToken::new(),

@@ -6,18 +6,28 @@
 //! - [`router`]: (host, path) -> route.
 //! - [`proxy`]: the request service: plain HTTP forwarding and WebSocket handshakes.
 //! - [`upstream`]: server pools, balancing, connect with timeout and fail-over, idle connections.
-//! - [`ws`]: what runs after a 101: the tunnel and the builtin echo endpoint.
+//! - [`ws`]: what runs after a 101: codec, tunnel, keepalive, connection records, builtin echo.
+//!
+//! Around it:
 //! - [`gateway`]: the live state one configuration generation builds, shared by all of the above.
+//! - [`reload`]: re-reading the configuration (SIGHUP, `POST /reload`) and swapping it in.
+//! - [`shutdown`]: the drain: stop accepting, close WebSockets spread over a window, wait.
+//! - [`admin`]: the admin listener: metrics, health, live connections, reload.
+//! - [`metrics`]: the Prometheus registry and per-route metric handles.
 //! - [`error`]: the request path's error type: status, reason and whose fault.
 //! - [`logging`]: tracing setup (text or JSON on stderr).
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod router;
+pub mod shutdown;
 pub mod upstream;
 pub mod ws;
 
@@ -26,20 +36,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use config::Config;
 use gateway::Shared;
 use listener::BoundListener;
+use reload::Reloader;
 
 /// A configured proxy whose listeners are bound and ready to serve.
-#[derive(Debug)]
 pub struct Server {
-    config: Config,
     shared: Arc<Shared>,
     listeners: Vec<BoundListener>,
+    admin: TcpListener,
+    reloader: Arc<Reloader>,
 }
 
 impl Server {
@@ -48,10 +61,10 @@ impl Server {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let tls = match &l.tls {
-                Some(tls) => Some(
+                Some(tls) => Some(Arc::new(ArcSwap::new(
                     listener::tls::server_config(tls)
                         .with_context(|| format!("listener {}: TLS setup failed", l.name))?,
-                ),
+                ))),
                 None => None,
             };
             let tcp = TcpListener::bind(l.bind)
@@ -63,11 +76,16 @@ impl Server {
                 tls,
             });
         }
+        let admin = TcpListener::bind(config.admin.bind)
+            .await
+            .with_context(|| format!("admin listener: cannot bind {}", config.admin.bind))?;
         let shared = Arc::new(Shared::new(&config));
+        let reloader = Arc::new(Reloader::new(config, shared.clone(), &listeners));
         Ok(Server {
-            config,
             shared,
             listeners,
+            admin,
+            reloader,
         })
     }
 
@@ -79,13 +97,23 @@ impl Server {
             .and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets open connections finish
-    /// for up to `timeouts.shutdown_grace`, and returns.
+    /// The address the admin listener is bound to.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+
+    /// Reloads the configuration file the server was started with (what SIGHUP does).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains (see [`shutdown::drain`]) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
-            config,
             shared,
             listeners,
+            admin,
+            reloader,
         } = self;
         let connections = TaskTracker::new();
         let mut accept_loops = Vec::new();
@@ -98,26 +126,23 @@ impl Server {
                 shared.shutdown.clone(),
             )));
         }
+        let admin_stop = CancellationToken::new();
+        info!(addr = %admin.local_addr()?, "admin listening");
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            shared.clone(),
+            Some(reloader),
+            admin_stop.clone(),
+        ));
+
         shutdown.await;
-        info!("shutting down");
         shared.shutdown.cancel();
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
-        connections.close();
-        shared.tunnels.close();
-        let grace = config.timeouts.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async {
-            connections.wait().await;
-            shared.tunnels.wait().await;
-        })
-        .await;
-        if drained.is_err() {
-            info!(
-                grace_ms = grace.as_millis() as u64,
-                "grace period over, closing what is left"
-            );
-        }
+        shutdown::drain(&shared, &connections).await;
+        admin_stop.cancel();
+        let _ = admin_task.await;
         Ok(())
     }
 }

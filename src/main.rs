@@ -68,8 +68,32 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let server = wsgate::Server::bind(config).await?;
-    server.run(shutdown_signal()).await
+    let reloader = server.reloader();
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    // Blocking file reads and certificate parsing stay off the async workers.
+                    let reloader = reloader.clone();
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload"),
+    }
+    server
+        .run(async {
+            shutdown_signal().await;
+            tracing::info!("draining; a second signal stops at once");
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("second signal: stopping now");
+                std::process::exit(1);
+            });
+        })
+        .await
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -110,7 +110,7 @@ async fn extensions_pass_through_unchanged_both_ways() {
         );
         assert_eq!(
             response.header("sec-websocket-accept"),
-            Some("s3pPLMBiTxaGdhRpoczoaKcfvDM="),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), // RFC 6455 §1.3
             "via {addr}"
         );
         let head = upstream.heads.next("the upgrade request").await;

@@ -183,6 +183,17 @@ fn tls_1_1_client_hello() -> Vec<u8> {
         hello.extend(suite.to_be_bytes());
     }
     hello.extend([1, 0]); // compression: null only
+                          // signature_algorithms (rsa_pkcs1_sha256, ecdsa_secp256r1_sha256): without it rustls
+                          // stops earlier, with handshake_failure, before looking at the version.
+    let schemes: [u16; 2] = [0x0401, 0x0403];
+    let mut extension = 13u16.to_be_bytes().to_vec();
+    extension.extend(((schemes.len() * 2 + 2) as u16).to_be_bytes());
+    extension.extend(((schemes.len() * 2) as u16).to_be_bytes());
+    for scheme in schemes {
+        extension.extend(scheme.to_be_bytes());
+    }
+    hello.extend((extension.len() as u16).to_be_bytes());
+    hello.extend(extension);
     let mut handshake = vec![1]; // ClientHello
     handshake.extend(&(hello.len() as u32).to_be_bytes()[1..]);
     handshake.extend(hello);

@@ -1,11 +1,25 @@
 //! Configuration: raw TOML types are parsed and checked into the validated [`Config`] below,
 //! which is all the rest of wsgate ever sees. Every error names file, line and column.
+//!
+//! - `raw`: serde view of the file, with positions; unknown keys are errors.
+//! - [`units`]: durations ("30s"), sizes ("1MiB") and rates ("50/s").
+//! - `validate`: defaults, value syntax, cross-checks, certificate loading.
+//!
+//! Entry points: [`Config::load`] and [`Config::from_toml`]; on failure a [`ConfigError`]
+//! lists every problem as `file:line:col: message`.
 
+mod raw;
+pub mod units;
+mod validate;
+
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+pub use units::{parse_duration, parse_rate, parse_size};
 
 /// A fully validated configuration. No field is left half-filled: defaults are applied,
 /// per-route timeouts are merged over the global ones, certificate files are loaded.
@@ -189,7 +203,7 @@ pub struct RouteConfig {
     pub timeouts: Timeouts,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostMatch {
     Any,
     /// Lower-cased, without port.
@@ -209,19 +223,375 @@ pub enum Builtin {
     Echo,
 }
 
-// Temporary stand-ins until the loader lands.
-#[derive(Debug)]
-pub struct ConfigError;
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("config error")
+impl fmt::Display for Balance {
+    /// As written in the config: `round_robin`, `header:x-user`, ...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Balance::RoundRobin => f.write_str("round_robin"),
+            Balance::LeastConn => f.write_str("least_conn"),
+            Balance::IpHash => f.write_str("ip_hash"),
+            Balance::Header(name) => write!(f, "header:{name}"),
+            Balance::Cookie(name) => write!(f, "cookie:{name}"),
+        }
     }
 }
+
+impl fmt::Display for HostMatch {
+    /// As written in the config; `*` for any host.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostMatch::Any => f.write_str("*"),
+            HostMatch::Exact(host) => f.write_str(host),
+            HostMatch::WildcardSuffix(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+impl fmt::Display for RouteTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteTarget::Upstream(name) => write!(f, "upstream {name}"),
+            RouteTarget::Builtin(Builtin::Echo) => f.write_str("builtin echo"),
+        }
+    }
+}
+
+pub mod defaults {
+    //! Default values for every optional key, each with its unit and the reason for its
+    //! value; docs/configuration.md lists the same values.
+
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    use super::{Balance, LogFormat, Rate};
+
+    /// `[log] level`: one line per notable event; per-request detail is opt-in.
+    pub const LOG_LEVEL: &str = "info";
+    /// `[log] format`: readable on a terminal; "json" is for log shippers.
+    pub const LOG_FORMAT: LogFormat = LogFormat::Text;
+    /// `[runtime] worker_threads` (threads): 0 = one per CPU core, tokio's own default.
+    pub const WORKER_THREADS: usize = 0;
+    /// `[admin] bind`: loopback only, so metrics and connection control are never public by
+    /// accident; 9090 is the customary metrics port.
+    pub const ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
+    /// `[listeners.X] http2`: off until asked for, so ALPN offers only what is wanted.
+    pub const LISTENER_HTTP2: bool = false;
+
+    /// `client_header` (seconds): long enough for slow mobile links, short enough that idle
+    /// sockets that never send a request (slowloris) are dropped quickly.
+    pub const CLIENT_HEADER: Duration = Duration::from_secs(10);
+    /// `upstream_connect` (seconds): a TCP connect inside a data centre takes milliseconds; 5s
+    /// covers a lost SYN retransmit (1s, 3s) before trying the next server.
+    pub const UPSTREAM_CONNECT: Duration = Duration::from_secs(5);
+    /// `upstream_handshake` (seconds): the app must answer the upgrade; past 10s the client
+    /// is better served by a 504 and a retry.
+    pub const UPSTREAM_HANDSHAKE: Duration = Duration::from_secs(10);
+    /// `idle` (minutes): no data frame either way for this long means a forgotten tab or a
+    /// dead peer; pings do not count, so keepalive alone does not hold a socket forever.
+    pub const IDLE: Duration = Duration::from_secs(5 * 60);
+    /// `ping_interval` (seconds): below the common 60s NAT and load balancer idle timeouts.
+    pub const PING_INTERVAL: Option<Duration> = Some(Duration::from_secs(30));
+    /// `pong_timeout` (seconds): a live client answers a ping within a round trip; 10s
+    /// allows for a congested mobile link.
+    pub const PONG_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `upstream_ping_interval`: off; upstreams usually sit on the same network, no NAT.
+    pub const UPSTREAM_PING_INTERVAL: Option<Duration> = None;
+    /// `shutdown_grace` (seconds): matches Kubernetes' default termination grace period.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// `drain_spread` (seconds): spreads reconnects so clients do not stampede the next
+    /// instance, and leaves most of `shutdown_grace` for close handshakes.
+    pub const DRAIN_SPREAD: Duration = Duration::from_secs(5);
+
+    /// `max_connections` (connections): live WebSockets per process; at a few tens of KiB
+    /// of buffers each this stays within a few GiB of memory.
+    pub const MAX_CONNECTIONS: u64 = 100_000;
+    /// `max_connections_per_ip` (connections): room for a large office behind one NAT, while
+    /// one client cannot take the whole process.
+    pub const MAX_CONNECTIONS_PER_IP: u64 = 1000;
+    /// `handshake_rate_per_ip` (handshakes per second): far above a reconnecting browser,
+    /// far below a reconnect storm from one buggy client.
+    pub const HANDSHAKE_RATE_PER_IP: Option<Rate> = Some(Rate {
+        count: 50,
+        per: Duration::from_secs(1),
+    });
+    /// `max_frame_size` (bytes, 1 MiB): larger than chat or game messages, small enough that
+    /// one client cannot make the upstream buffer a huge message.
+    pub const MAX_FRAME_SIZE: u64 = 1 << 20;
+    /// `max_frame_rate`: unlimited; a per-connection frame budget depends on the app.
+    pub const MAX_FRAME_RATE: Option<Rate> = None;
+
+    /// `[upstreams.X] balance`: the simplest mode, needs no state.
+    pub const BALANCE: Balance = Balance::RoundRobin;
+    /// `tls.enabled` when an upstream has a `tls` table: writing the table means TLS is wanted.
+    pub const UPSTREAM_TLS_ENABLED: bool = true;
+    /// `health.path`: the common convention, and what wsgate's own admin listener serves.
+    pub const HEALTH_PATH: &str = "/healthz";
+    /// `health.interval` (seconds): notices a dead server within ~15s at the default
+    /// `unhealthy_after`, for one small request per server every 5s.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+    /// `health.timeout` (seconds): a health endpoint should answer in milliseconds.
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `health.unhealthy_after` (failed checks in a row): one lost packet is not an outage.
+    pub const HEALTH_UNHEALTHY_AFTER: u32 = 3;
+    /// `health.healthy_after` (passed checks in a row): a flapping server stays out a little
+    /// longer than a healthy one would need.
+    pub const HEALTH_HEALTHY_AFTER: u32 = 2;
+
+    /// `[routes.X] path`: a route without a path covers every path of its host.
+    pub const ROUTE_PATH: &str = "/";
+    /// `[routes.X] strip_prefix`: the upstream sees the path the client asked for.
+    pub const ROUTE_STRIP_PREFIX: bool = false;
+}
+
+impl Default for Timeouts {
+    /// The defaults of the `[timeouts]` table (see [`defaults`]).
+    fn default() -> Self {
+        Timeouts {
+            client_header: defaults::CLIENT_HEADER,
+            upstream_connect: defaults::UPSTREAM_CONNECT,
+            upstream_handshake: defaults::UPSTREAM_HANDSHAKE,
+            idle: defaults::IDLE,
+            ping_interval: defaults::PING_INTERVAL,
+            pong_timeout: defaults::PONG_TIMEOUT,
+            upstream_ping_interval: defaults::UPSTREAM_PING_INTERVAL,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+            drain_spread: defaults::DRAIN_SPREAD,
+        }
+    }
+}
+
+impl Default for Limits {
+    /// The defaults of the `[limits]` table (see [`defaults`]).
+    fn default() -> Self {
+        Limits {
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
+            handshake_rate_per_ip: defaults::HANDSHAKE_RATE_PER_IP,
+            max_frame_size: defaults::MAX_FRAME_SIZE,
+            max_frame_rate: defaults::MAX_FRAME_RATE,
+        }
+    }
+}
+
 impl Config {
-    pub fn load(_path: &std::path::Path) -> Result<Config, ConfigError> {
-        Err(ConfigError)
+    /// Reads and validates the file. Relative paths inside (cert, key, ca) resolve against
+    /// the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            diagnostics: vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read the config file: {e}"),
+            }],
+        })?;
+        Config::from_toml(&text, path)
     }
+
+    /// Same, from text already read; `source` is used for messages and relative paths.
+    pub fn from_toml(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        match validate::check(text, source, &mut problems) {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => {
+                if problems.is_empty() {
+                    problems.push(raw::Problem::whole_file("invalid configuration"));
+                }
+                Err(ConfigError::from_problems(text, source, problems))
+            }
+        }
+    }
+
+    /// One-screen summary for `wsgate check`: listeners (name, bind, tls yes/no + cert
+    /// names, http2), routes (name, host, path -> upstream/builtin), upstreams (name,
+    /// balance, servers). Plain text, ends with newline.
     pub fn summary(&self) -> String {
-        String::new()
+        let mut out = format!(
+            "{}: configuration OK ({} listener{}, {} route{}, {} upstream{})\n",
+            self.source.display(),
+            self.listeners.len(),
+            plural(self.listeners.len()),
+            self.routes.len(),
+            plural(self.routes.len()),
+            self.upstreams.len(),
+            plural(self.upstreams.len()),
+        );
+        out.push_str(&format!("admin: {}\n", self.admin.bind));
+
+        out.push_str("listeners:\n");
+        let rows = self.listeners.iter().map(|l| {
+            let tls =
+                match &l.tls {
+                    None => "tls: no".to_string(),
+                    Some(tls) => {
+                        let mut names = vec![tls.default.cert_path.display().to_string()];
+                        names.extend(tls.sni.iter().map(|s| {
+                            format!("{} ({})", s.server_name, s.cert.cert_path.display())
+                        }));
+                        format!("tls: yes, certs: {}", names.join(", "))
+                    }
+                };
+            vec![
+                l.name.clone(),
+                l.bind.to_string(),
+                format!("http2: {}", if l.http2 { "yes" } else { "no" }),
+                tls,
+            ]
+        });
+        out.push_str(&table(rows));
+
+        out.push_str("routes:\n");
+        let rows = self.routes.iter().map(|r| {
+            vec![
+                r.name.clone(),
+                format!("host {}", r.host),
+                format!("path {}", r.path),
+                format!("-> {}", r.target),
+            ]
+        });
+        out.push_str(&table(rows));
+
+        out.push_str("upstreams:\n");
+        let rows = self.upstreams.iter().map(|u| {
+            let servers: Vec<String> = u.servers.iter().map(ToString::to_string).collect();
+            vec![u.name.clone(), u.balance.to_string(), servers.join(", ")]
+        });
+        let upstreams = table(rows);
+        if upstreams.is_empty() {
+            out.push_str("  (none)\n");
+        } else {
+            out.push_str(&upstreams);
+        }
+        out
+    }
+
+    /// The upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The route called `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.name == name)
     }
 }
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Rows as left-aligned columns, indented by two spaces, one line each.
+fn table(rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::from(" ");
+        for (cell, width) in row.iter().zip(&widths) {
+            line.push(' ');
+            line.push_str(cell);
+            line.push_str(&" ".repeat(width - cell.chars().count() + 1));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Every problem found in a config file (all of them, not just the first).
+#[derive(Debug)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// One problem and where it is. `line` and `column` are 1-based (column in characters);
+/// both are 0 when the problem has no position (e.g. the file cannot be read).
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Positions the problems in `text` and orders them as they appear in the file.
+    fn from_problems(text: &str, source: &Path, mut problems: Vec<raw::Problem>) -> Self {
+        problems.sort_by_key(|p| p.span.as_ref().map(|s| s.start));
+        problems.dedup();
+        let diagnostics = problems
+            .into_iter()
+            .map(|p| {
+                let (line, column) = match p.span {
+                    Some(span) => line_column(text, span.start),
+                    None => (0, 0),
+                };
+                Diagnostic {
+                    file: source.to_path_buf(),
+                    line,
+                    column,
+                    message: p.message,
+                }
+            })
+            .collect();
+        ConfigError { diagnostics }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    /// One diagnostic per line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use crate::gateway::{ConnContext, Shared};
 use crate::proxy;
@@ -36,7 +37,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub struct BoundListener {
     pub name: Arc<str>,
     pub listener: TcpListener,
-    pub tls: Option<Arc<ServerConfig>>,
+    /// The listener's certificates; reload swaps them for new connections.
+    pub tls: Option<Arc<ArcSwap<ServerConfig>>>,
 }
 
 impl BoundListener {
@@ -52,7 +54,6 @@ pub async fn serve(
     connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let acceptor = bound.tls.clone().map(TlsAcceptor::from);
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
@@ -78,13 +79,13 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let acceptor = bound.tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
         let ctx = Arc::new(ConnContext {
             listener: bound.name.clone(),
             client: peer,
             tls: acceptor.is_some(),
         });
         let shared = shared.clone();
-        let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             match acceptor {
@@ -113,9 +114,11 @@ async fn serve_tls(
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => serve_http(tls, ctx, shared, shutdown).await,
         Ok(Err(e)) => {
+            shared.metrics.tls_handshake_error(&ctx.listener);
             debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "TLS handshake failed")
         }
         Err(_) => {
+            shared.metrics.tls_handshake_error(&ctx.listener);
             debug!(listener = %ctx.listener, client = %ctx.client, "TLS handshake timed out")
         }
     }
@@ -154,10 +157,9 @@ async fn serve_http<S>(
     if let Err(e) = result {
         if e.is_timeout() {
             debug!(listener = %ctx.listener, client = %ctx.client, "client too slow to send its request head");
-        } else if e.is_incomplete_message() || e.is_canceled() {
-            debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "client went away");
         } else {
-            warn!(listener = %ctx.listener, client = %ctx.client, error = %e, "HTTP connection error");
+            // Malformed requests and vanished clients are the client's business, not an alarm.
+            debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "HTTP connection ended with an error");
         }
     }
 }

@@ -22,7 +22,6 @@ use crate::proxy::headers::{self, ClientInfo};
 use crate::proxy::http::{connect_failure, upstream_uri};
 use crate::upstream::Upstream;
 use crate::ws;
-use crate::ws::record::ConnRecord;
 use crate::ws::tunnel::TunnelSettings;
 
 /// RFC 6455 §1.3: the GUID appended to the key before hashing.
@@ -172,17 +171,13 @@ pub async fn forward(
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let record = Arc::new(ConnRecord::new(
-        shared.next_id(),
-        conn.client,
-        conn.listener.clone(),
-        route.name.clone(),
-        Some(upstream.name.clone()),
-        Some(server.label.clone()),
-        "HTTP/1.1",
+    let record = ws::new_record(
+        &shared,
+        &route,
+        &conn,
+        Some((&upstream, &server)),
         subprotocol,
-        std::time::Instant::now(),
-    ));
+    );
     let settings = TunnelSettings::new(timeouts, &shared.gateway.load().limits);
     debug!(id = record.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
@@ -200,8 +195,7 @@ pub async fn forward(
                 return;
             }
         };
-        let _registered = tracked.connections.register(record.clone());
-        ws::relay(client, upstream, settings, record).await;
+        ws::relay(client, upstream, settings, record, &tracked.connections).await;
     });
 
     let (parts, _) = response.into_parts();

@@ -1,5 +1,6 @@
 //! The per-request service: route the request, then forward it as a plain HTTP request
-//! or as a WebSocket handshake, turning every failure into a short, specific answer.
+//! or as a WebSocket handshake, turning every failure into a short, specific answer and
+//! counting each outcome once.
 
 pub mod body;
 pub mod handshake;
@@ -8,6 +9,7 @@ pub mod http;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ::http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -15,7 +17,8 @@ use tracing::{debug, warn};
 
 use crate::config::{Builtin, RouteTarget};
 use crate::error::{Blame, ProxyError};
-use crate::gateway::{ConnContext, Shared};
+use crate::gateway::{ConnContext, Route, Shared};
+use crate::metrics::{HandshakeResult, RejectReason};
 use body::ProxyBody;
 
 /// Serves one request on a client connection.
@@ -38,30 +41,22 @@ pub async fn handle(
             path: path.to_owned(),
         };
         debug!(client = %conn.client, error = %e, "refused");
+        shared.metrics.rejected(RejectReason::NoRoute);
         return Ok(e.into_response());
     };
 
     let upgrade = handshake::is_upgrade(&req);
+    let started = Instant::now();
     let result = match (&route.config.target, &route.upstream) {
-        (RouteTarget::Builtin(Builtin::Echo), _) if upgrade => {
-            match handshake::validate(&req, &route) {
-                Ok(key) => Ok(crate::ws::echo::accept(req, &route, &conn, &shared, &key)),
-                Err(e) => Err(e),
-            }
-        }
+        (RouteTarget::Builtin(Builtin::Echo), _) if upgrade => handshake::validate(&req, &route)
+            .map(|key| crate::ws::echo::accept(req, &route, &conn, &shared, &key)),
         (RouteTarget::Builtin(_), _) => Ok(builtin_plain_answer()),
         (RouteTarget::Upstream(_), Some(upstream)) => {
             let upstream = upstream.clone();
             if upgrade {
-                handshake::forward(
-                    req,
-                    route.clone(),
-                    upstream,
-                    conn.clone(),
-                    shared,
-                    host.as_deref(),
-                )
-                .await
+                let (route, conn) = (route.clone(), conn.clone());
+                handshake::forward(req, route, upstream, conn, shared.clone(), host.as_deref())
+                    .await
             } else {
                 http::forward(req, &route, &upstream, &conn, host.as_deref()).await
             }
@@ -71,17 +66,56 @@ pub async fn handle(
             route.name
         ))),
     };
-    Ok(result.unwrap_or_else(|e| {
-        match e.blame() {
-            Blame::Client => {
-                debug!(client = %conn.client, route = %route.name, error = %e, "refused")
-            }
-            Blame::Upstream | Blame::Internal => {
-                warn!(client = %conn.client, route = %route.name, error = %e, "request failed")
-            }
+
+    let (response, handshake_result) = match result {
+        Ok(response) => {
+            let outcome = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                HandshakeResult::Upgraded
+            } else {
+                HandshakeResult::UpstreamStatus
+            };
+            (response, outcome)
         }
-        e.into_response()
-    }))
+        Err(e) => {
+            let outcome = match e.blame() {
+                Blame::Client => {
+                    debug!(client = %conn.client, route = %route.name, error = %e, "refused");
+                    HandshakeResult::Refused
+                }
+                Blame::Upstream | Blame::Internal => {
+                    warn!(client = %conn.client, route = %route.name, error = %e, "request failed");
+                    HandshakeResult::UpstreamError
+                }
+            };
+            if let Some(reason) = e.reject_reason() {
+                shared.metrics.rejected(reason);
+            }
+            (e.into_response(), outcome)
+        }
+    };
+    count(&route, upgrade, &response, handshake_result, started);
+    Ok(response)
+}
+
+/// Counts a finished request or handshake on its route.
+fn count(
+    route: &Route,
+    upgrade: bool,
+    response: &Response<ProxyBody>,
+    result: HandshakeResult,
+    started: Instant,
+) {
+    let metrics = &route.metrics;
+    if !upgrade {
+        metrics.http_request(response.status().as_u16());
+        return;
+    }
+    if result == HandshakeResult::Upgraded {
+        metrics
+            .handshake_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+    metrics.handshake(result);
 }
 
 /// The host a request is for: the URI authority (absolute-form) or the `Host` header.
@@ -99,11 +133,12 @@ fn builtin_plain_answer() -> Response<ProxyBody> {
         "this route only accepts WebSocket upgrades\n",
     ));
     *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::UPGRADE,
         header::HeaderValue::from_static("websocket"),
     );
-    response.headers_mut().insert(
+    headers.insert(
         header::CONNECTION,
         header::HeaderValue::from_static("upgrade"),
     );

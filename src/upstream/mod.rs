@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use prometheus::IntGauge;
+
 use crate::config::{Balance, ServerAddr, UpstreamConfig};
+use crate::metrics::Metrics;
 
 pub use pool::{HttpSender, PooledSender};
 
@@ -34,6 +37,12 @@ pub struct Server {
     pub label: Arc<str>,
     /// Live WebSockets plus in-flight requests on this server.
     active: AtomicU64,
+    /// `wsgate_upstream_active_connections` for this server.
+    active_gauge: IntGauge,
+    /// `wsgate_upstream_healthy` for this server.
+    pub healthy_gauge: IntGauge,
+    upstream_name: Arc<str>,
+    metrics: Arc<Metrics>,
     idle: pool::IdlePool,
 }
 
@@ -47,21 +56,30 @@ pub enum ConnectError {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Self {
+    pub fn new(config: &UpstreamConfig, metrics: &Arc<Metrics>) -> Self {
+        let name: Arc<str> = Arc::from(config.name.as_str());
         Upstream {
-            name: Arc::from(config.name.as_str()),
             servers: config
                 .servers
                 .iter()
                 .map(|addr| {
+                    let label = addr.to_string();
+                    let (healthy_gauge, active_gauge) = metrics.upstream_server(&name, &label);
+                    // Health checking marks servers down; until then every server is up.
+                    healthy_gauge.set(1);
                     Arc::new(Server {
-                        label: Arc::from(addr.to_string()),
+                        label: Arc::from(label),
                         addr: addr.clone(),
                         active: AtomicU64::new(0),
+                        active_gauge,
+                        healthy_gauge,
+                        upstream_name: name.clone(),
+                        metrics: metrics.clone(),
                         idle: pool::IdlePool::default(),
                     })
                 })
                 .collect(),
+            name,
             balance: config.balance.clone(),
             next: AtomicUsize::new(0),
         }
@@ -89,20 +107,39 @@ impl Server {
                 let _ = stream.set_nodelay(true);
                 Ok(stream)
             }
-            Ok(Err(source)) => Err(ConnectError::Io {
-                server: self.label.clone(),
-                source,
-            }),
-            Err(_) => Err(ConnectError::Timeout {
-                server: self.label.clone(),
-                timeout,
-            }),
+            Ok(Err(source)) => {
+                let kind = match source.kind() {
+                    io::ErrorKind::ConnectionRefused => "refused",
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => "reset",
+                    _ if source.raw_os_error().is_none() => "resolve",
+                    _ => "other",
+                };
+                self.connect_error(kind);
+                Err(ConnectError::Io {
+                    server: self.label.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                self.connect_error("timeout");
+                Err(ConnectError::Timeout {
+                    server: self.label.clone(),
+                    timeout,
+                })
+            }
         }
+    }
+
+    /// Counts a failed connect in `wsgate_upstream_connect_errors_total`.
+    pub fn connect_error(&self, kind: &str) {
+        self.metrics
+            .upstream_connect_error(&self.upstream_name, &self.label, kind);
     }
 
     /// Counts one live WebSocket or in-flight request until the guard is dropped.
     pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.active_gauge.inc();
         ActiveGuard(self.clone())
     }
 
@@ -124,5 +161,6 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.active_gauge.dec();
     }
 }

@@ -12,18 +12,21 @@ use thiserror::Error;
 /// Shortest possible frame header: the two fixed bytes (FIN/RSV/opcode, MASK/length).
 pub const MIN_HEADER_LEN: usize = 2;
 
-/// Longest possible frame header: 2 fixed bytes + 8-byte extended length + 4-byte mask key.
-pub const MAX_HEADER_LEN: usize = 14;
+/// Length of a masking key (RFC 6455 §5.3).
+const MASK_KEY_LEN: usize = 4;
+
+/// Longest possible frame header (14): 2 fixed bytes + 8-byte extended length + 4-byte mask key.
+pub const MAX_HEADER_LEN: usize = MIN_HEADER_LEN + 8 + MASK_KEY_LEN;
 
 /// Largest payload of a control frame (ping, pong, close): RFC 6455 §5.5 caps it at 125 bytes so
 /// that a control frame always fits the 7-bit length field.
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
-/// Largest control frame wsgate writes: 2-byte header + 4-byte mask + 125 payload.
-pub const MAX_CONTROL_FRAME: usize = 131;
+/// Largest control frame wsgate writes (131): 2-byte header + 4-byte mask + 125 payload.
+pub const MAX_CONTROL_FRAME: usize = MIN_HEADER_LEN + MASK_KEY_LEN + MAX_CONTROL_PAYLOAD;
 
-/// Longest close reason: the control payload limit (125) less the 2-byte status code.
-pub const MAX_CLOSE_REASON: usize = 123;
+/// Longest close reason (123): the control payload limit less the 2-byte status code.
+pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
 
 /// Largest payload length the wire format allows: RFC 6455 §5.2 requires the most significant
 /// bit of the 64-bit length to be 0, so lengths stop at `i64::MAX`.
@@ -32,9 +35,6 @@ pub const MAX_PAYLOAD_LEN: u64 = i64::MAX as u64;
 /// `max_payload` value for [`Decoder::new`] that disables the size limit (frames are still
 /// bounded by [`MAX_PAYLOAD_LEN`]).
 pub const NO_PAYLOAD_LIMIT: u64 = u64::MAX;
-
-/// Length of a masking key (RFC 6455 §5.3).
-const MASK_KEY_LEN: usize = 4;
 
 /// 7-bit length value meaning "a 16-bit length follows".
 const LEN_16_MARKER: u8 = 126;
@@ -357,7 +357,8 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: u64) {
 }
 
 /// Encode a frame header into `out`; returns the bytes written (2..=14). The length uses the
-/// shortest form. `rsv` is the three RSV bits as 0..=7 (extra bits are dropped).
+/// shortest form. `rsv` is the three RSV bits as 0..=7 (extra bits are dropped); `payload_len`
+/// must be at most [`MAX_PAYLOAD_LEN`] (debug assertion).
 pub fn encode_header(
     fin: bool,
     rsv: u8,
@@ -949,7 +950,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(MAX_CONTROL_FRAME, MIN_HEADER_LEN + 4 + MAX_CONTROL_PAYLOAD);
+        assert_eq!(
+            (MAX_HEADER_LEN, MAX_CONTROL_FRAME, MAX_CLOSE_REASON),
+            (14, 131, 123)
+        );
     }
 
     #[test]

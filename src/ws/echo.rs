@@ -14,7 +14,6 @@ use crate::gateway::{ConnContext, Route, Shared};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::handshake;
 use crate::ws::codec::{self, Decoder, OpCode, Role, MAX_CONTROL_FRAME, NO_PAYLOAD_LIMIT};
-use crate::ws::record::ConnRecord;
 use crate::ws::tunnel::TunnelSettings;
 
 /// Capacity of the in-process pipe between the tunnel and the echo loop.
@@ -35,17 +34,7 @@ where
     B: Send + 'static,
 {
     let on_upgrade = hyper::upgrade::on(req);
-    let record = Arc::new(ConnRecord::new(
-        shared.next_id(),
-        conn.client,
-        conn.listener.clone(),
-        route.name.clone(),
-        None,
-        None,
-        "HTTP/1.1",
-        None,
-        std::time::Instant::now(),
-    ));
+    let record = super::new_record(shared, route, conn, None, None);
     let settings = TunnelSettings::new(route.config.timeouts, &shared.gateway.load().limits);
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
@@ -56,10 +45,17 @@ where
                 return;
             }
         };
-        let _registered = tracked.connections.register(record.clone());
         let (client, early) = super::client_io(upgraded);
         let (tunnel_side, echo_side) = tokio::io::duplex(PIPE_CAPACITY);
-        let tunnel = super::relay_to(client, early, tunnel_side, Bytes::new(), settings, record);
+        let tunnel = super::relay_to(
+            client,
+            early,
+            tunnel_side,
+            Bytes::new(),
+            settings,
+            record,
+            &tracked.connections,
+        );
         let echo = async {
             if let Err(e) = echo(echo_side).await {
                 debug!(error = %e, "echo loop ended");

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use record::ConnRecord;
+use crate::gateway::{ConnContext, Connections, Route, Shared};
+use crate::upstream::{Server, Upstream};
+use record::{ConnRecord, Identity};
 use tunnel::{Outcome, Tunnel, TunnelSettings};
 
 /// A client's upgraded connection, unwrapped from hyper where its type is known so the
@@ -44,12 +46,37 @@ pub fn client_io(upgraded: Upgraded) -> (ClientIo, Bytes) {
     }
 }
 
+/// Builds the record of a connection being upgraded on `route`.
+pub fn new_record(
+    shared: &Shared,
+    route: &Route,
+    conn: &ConnContext,
+    server: Option<(&Upstream, &Server)>,
+    subprotocol: Option<String>,
+) -> Arc<ConnRecord> {
+    Arc::new(ConnRecord::new(
+        Identity {
+            id: shared.next_id(),
+            client: conn.client,
+            listener: conn.listener.clone(),
+            route: route.name.clone(),
+            upstream: server.map(|(u, _)| u.name.clone()),
+            server: server.map(|(_, s)| s.label.clone()),
+            http_version: "HTTP/1.1",
+            subprotocol,
+            started: std::time::Instant::now(),
+        },
+        route.metrics.clone(),
+    ))
+}
+
 /// Relays an upgraded client connection to an upgraded upstream connection.
 pub async fn relay(
     client: Upgraded,
     upstream: Upgraded,
     settings: TunnelSettings,
     record: Arc<ConnRecord>,
+    connections: &Connections,
 ) {
     let (upstream, upstream_early) = match upstream.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (Ok(parts.io.into_inner()), parts.read_buf),
@@ -57,22 +84,37 @@ pub async fn relay(
     };
     let (client, client_early) = client_io(client);
     match upstream {
-        Ok(tcp) => relay_to(client, client_early, tcp, upstream_early, settings, record).await,
-        Err(other) => {
+        Ok(tcp) => {
+            let args = (client, client_early, tcp, upstream_early);
             relay_to(
-                client,
-                client_early,
-                other,
-                upstream_early,
+                args.0,
+                args.1,
+                args.2,
+                args.3,
                 settings,
                 record,
+                connections,
+            )
+            .await
+        }
+        Err(other) => {
+            let args = (client, client_early, other, upstream_early);
+            relay_to(
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                settings,
+                record,
+                connections,
             )
             .await
         }
     }
 }
 
-/// Runs the tunnel between any client connection and an upstream stream, then logs it.
+/// Runs the tunnel between any client connection and an upstream stream: registered
+/// and counted while it lives, logged and counted when it ends.
 pub async fn relay_to<U>(
     client: ClientIo,
     client_early: Bytes,
@@ -80,9 +122,13 @@ pub async fn relay_to<U>(
     upstream_early: Bytes,
     settings: TunnelSettings,
     record: Arc<ConnRecord>,
+    connections: &Connections,
 ) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    let _registered = connections.register(record.clone());
+    let metrics = record.metrics.clone();
+    metrics.connections_active.inc();
     let outcome = match client {
         ClientIo::Plain(c) => {
             Tunnel::new(
@@ -118,6 +164,14 @@ pub async fn relay_to<U>(
             .await
         }
     };
+    metrics.connections_active.dec();
+    metrics
+        .connection_duration
+        .observe(record.started.elapsed().as_secs_f64());
+    metrics.closed(outcome.initiator, outcome.code);
+    metrics.pings_sent.inc_by(outcome.pings_sent);
+    metrics.pong_timeouts.inc_by(outcome.pong_timeouts);
+    metrics.idle_timeouts.inc_by(outcome.idle_timeouts);
     access_log(&record, &outcome);
 }
 

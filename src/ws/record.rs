@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use atomic_waker::AtomicWaker;
 
+use crate::metrics::RouteMetrics;
+
 /// A direction of relayed traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -63,6 +65,8 @@ pub struct ConnRecord {
     pub http_version: &'static str,
     pub subprotocol: Option<String>,
     pub started: Instant,
+    /// The route's metric handles, bumped by the relay as it flushes its counters.
+    pub metrics: Arc<RouteMetrics>,
     pub client_to_upstream: DirectionStats,
     pub upstream_to_client: DirectionStats,
     /// Milliseconds since `started` at the last frame seen either way.
@@ -83,19 +87,33 @@ pub enum CloseRequest {
     Drain,
 }
 
+/// Who a connection is: fixed at the upgrade.
+#[derive(Debug)]
+pub struct Identity {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub upstream: Option<Arc<str>>,
+    pub server: Option<Arc<str>>,
+    pub http_version: &'static str,
+    pub subprotocol: Option<String>,
+    pub started: Instant,
+}
+
 impl ConnRecord {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: u64,
-        client: SocketAddr,
-        listener: Arc<str>,
-        route: Arc<str>,
-        upstream: Option<Arc<str>>,
-        server: Option<Arc<str>>,
-        http_version: &'static str,
-        subprotocol: Option<String>,
-        started: Instant,
-    ) -> Self {
+    pub fn new(identity: Identity, metrics: Arc<RouteMetrics>) -> Self {
+        let Identity {
+            id,
+            client,
+            listener,
+            route,
+            upstream,
+            server,
+            http_version,
+            subprotocol,
+            started,
+        } = identity;
         ConnRecord {
             id,
             client,
@@ -106,6 +124,7 @@ impl ConnRecord {
             http_version,
             subprotocol,
             started,
+            metrics,
             client_to_upstream: DirectionStats::default(),
             upstream_to_client: DirectionStats::default(),
             last_activity_ms: AtomicU64::new(0),

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Duration, Instant, Sleep};
 
 use crate::config::{Limits, Rate, Timeouts};
+use crate::metrics;
 use crate::ws::buffer::RelayBuf;
 use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
 use crate::ws::keepalive::{Keepalive, KeepaliveAction};
@@ -178,9 +179,10 @@ struct Half {
     src_eof: bool,
     /// `src` broke the protocol or a limit.
     violation: Option<Violation>,
-    /// Bytes and frames not yet added to the connection record.
+    /// Bytes not yet added to the connection record and metrics.
     unflushed_bytes: u64,
-    unflushed_frames: u64,
+    /// `frames` as last added to the connection record and metrics.
+    flushed_frames: OpcodeCounts,
     /// Writing to `dst` failed: the peer is gone.
     dst_failed: bool,
     /// Shut down after the tunnel finished.
@@ -216,7 +218,7 @@ impl Half {
             src_eof: false,
             violation: None,
             unflushed_bytes: 0,
-            unflushed_frames: 0,
+            flushed_frames: [0; 6],
             dst_failed: false,
             dst_shut: false,
             rate: rate.map(|r| TokenBucket::new(r, now)),
@@ -245,6 +247,12 @@ impl Half {
     fn flushed(&self) -> bool {
         self.wpos == self.scan
             && (!self.inject.pending() || self.dst_failed || (self.src_done && !self.at_boundary()))
+    }
+
+    /// Reading waits until everything approved is written and no queued frame of wsgate's
+    /// could go out now; a queued frame waiting for a boundary needs more input to get one.
+    fn can_read(&self) -> bool {
+        self.wpos == self.scan && (self.dst_failed || !self.inject.pending() || !self.at_boundary())
     }
 
     /// Writes approved bytes, then queued control frames at a frame boundary.
@@ -313,7 +321,7 @@ impl Half {
         now: Instant,
         events: &mut Events,
     ) -> bool {
-        if self.src_done || !self.flushed() {
+        if self.src_done || !self.can_read() {
             return false;
         }
         // Everything approved is written: move the unparsed tail (< one control frame) to the front.
@@ -377,7 +385,6 @@ impl Half {
             return;
         };
         let batch_start = self.scan;
-        let mut frames = 0u64;
         loop {
             if self.frame_left > 0 {
                 let available = (self.filled - self.scan) as u64;
@@ -392,8 +399,9 @@ impl Half {
             if self.scan == self.filled {
                 break;
             }
-            // Once wsgate's close is queued, no new frame may go out before it.
-            if self.inject.has_close && !self.discarding {
+            // At a boundary with wsgate's own frames queued: stop here so they go out next,
+            // even while the peer streams large frames back to back.
+            if self.inject.pending() && !self.discarding {
                 break;
             }
             let header = match self.decoder.parse_header(&buf[self.scan..self.filled]) {
@@ -421,7 +429,6 @@ impl Half {
                 }
                 let payload = &payload[..len];
                 self.frames[opcode_index(header.opcode)] += 1;
-                frames += 1;
                 events.heard = true;
                 match header.opcode {
                     OpCode::Pong => {
@@ -465,7 +472,6 @@ impl Half {
                     }
                 }
                 self.frames[opcode_index(header.opcode)] += 1;
-                frames += 1;
                 events.heard = true;
                 events.data = true;
                 self.scan += header_len;
@@ -475,7 +481,6 @@ impl Half {
         let relayed = (self.scan - batch_start) as u64;
         self.bytes += relayed;
         self.unflushed_bytes += relayed;
-        self.unflushed_frames += frames;
         if self.discarding {
             // wsgate's close already went out on this output: drop what the peer still sends.
             self.wpos = self.scan;
@@ -669,6 +674,7 @@ where
             self.record
                 .ping_rtt_us
                 .store(rtt.as_micros() as u64, Ordering::Relaxed);
+            self.record.metrics.ping_rtt.observe(rtt.as_secs_f64());
         }
         if client.heard || upstream.heard {
             let ms = now.saturating_duration_since(self.started()).as_millis() as u64;
@@ -851,18 +857,30 @@ where
         next
     }
 
+    /// Adds what was relayed since the last call to the record and the route's metrics:
+    /// a handful of atomic adds per read batch, never per frame.
     fn flush_record(&mut self) {
         for half in [&mut self.c2u, &mut self.u2c] {
-            if half.unflushed_bytes > 0 || half.unflushed_frames > 0 {
-                let stats = self.record.stats(half.direction);
+            let d = metrics::direction_index(half.direction);
+            let route = &self.record.metrics;
+            let stats = self.record.stats(half.direction);
+            if half.unflushed_bytes > 0 {
                 stats
                     .bytes
                     .fetch_add(half.unflushed_bytes, Ordering::Relaxed);
-                stats
-                    .frames
-                    .fetch_add(half.unflushed_frames, Ordering::Relaxed);
+                route.bytes[d].inc_by(half.unflushed_bytes);
                 half.unflushed_bytes = 0;
-                half.unflushed_frames = 0;
+            }
+            if half.frames != half.flushed_frames {
+                let mut total = 0;
+                for (i, (now, before)) in half.frames.iter().zip(half.flushed_frames).enumerate() {
+                    if *now > before {
+                        route.frames[d][i].inc_by(now - before);
+                        total += now - before;
+                    }
+                }
+                stats.frames.fetch_add(total, Ordering::Relaxed);
+                half.flushed_frames = half.frames;
             }
         }
     }

@@ -9,7 +9,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt as _, Empty, StreamBody};
+use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -313,7 +313,7 @@ pub fn channel_body(capacity: usize) -> (mpsc::Sender<Bytes>, ClientBody) {
             .await
             .map(|chunk| (Ok::<_, std::io::Error>(Frame::data(chunk)), rx))
     });
-    (tx, StreamBody::new(stream).boxed())
+    (tx, BodyExt::boxed(StreamBody::new(stream)))
 }
 
 /// One HTTP/1.1 connection; requests are sent on it one after another (keep-alive).

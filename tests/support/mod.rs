@@ -24,8 +24,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+// Re-exported so suites can `use support::*`; not every suite uses every group.
+#[allow(unused_imports)]
 pub use certs::*;
+#[allow(unused_imports)]
 pub use clients::*;
+#[allow(unused_imports)]
 pub use upstreams::*;
 
 /// Upper bound for any single wait in a test. Generous on purpose: it only turns a hang

@@ -154,6 +154,8 @@ pub async fn spawn_ws_upstream_with_protocols(supported: &[&str]) -> WsUpstream 
     }
 }
 
+// The handshake callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
 async fn serve_ws(
     stream: TcpStream,
     supported: Arc<Vec<String>>,

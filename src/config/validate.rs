@@ -1,0 +1,2464 @@
+//! Raw config -> validated [`Config`]: defaults, syntax of every value, cross-checks between
+//! tables, and loading of certificate files. Every problem is collected, none stops the rest.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use toml::Spanned;
+
+use super::defaults;
+use super::raw::{
+    self, key_segment, Named, NamedTables, Problem, RawConfig, RawHealth, RawLimits, RawListener,
+    RawRoute, RawTimeouts, RawTls, RawUpstream, RawUpstreamTls, UnitText,
+};
+use super::units::{format_duration, parse_duration, parse_rate, parse_size};
+use super::{
+    AdminConfig, Balance, Builtin, CertKey, Config, HealthCheck, HostMatch, Limits, ListenerConfig,
+    LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig, ServerAddr, SniCert,
+    Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
+};
+
+/// Most tokio worker threads accepted. More is a typo or a misunderstanding (threads beyond
+/// the core count only add contention), and it bounds memory spent on thread stacks.
+pub const MAX_WORKER_THREADS: i64 = 1024;
+
+/// Largest `max_frame_size`: 2^63 bytes, the biggest payload length RFC 6455 can express.
+pub const MAX_FRAME_SIZE_LIMIT: u64 = 1 << 63;
+
+/// Level names accepted on their own in `[log] level`; anything else must look like an
+/// EnvFilter directive (contain `=`, `,` or `[`), so a typo such as "inf" is caught rather
+/// than silently read as "trace for a module called inf".
+const LOG_LEVEL_NAMES: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Parses and checks `text` (read from `source`) into a [`Config`]. Every problem found is
+/// appended to `problems`; the result is `Some` only when there are none.
+pub fn check(text: &str, source: &Path, problems: &mut Vec<Problem>) -> Option<Config> {
+    let start = problems.len();
+    let raw = raw::parse(text, problems)?;
+    let base_dir = source.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut checker = Checker {
+        base_dir,
+        problems,
+        provider: rustls::crypto::ring::default_provider(),
+    };
+    let config = checker.config(raw, source);
+    if problems.len() > start {
+        None
+    } else {
+        config
+    }
+}
+
+/// Holds what every check needs: where relative paths start, the problem list, and the
+/// crypto provider used to check that keys match certificates.
+struct Checker<'a> {
+    base_dir: PathBuf,
+    problems: &'a mut Vec<Problem>,
+    provider: CryptoProvider,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.problems.push(Problem::at(span, message));
+    }
+
+    fn config(&mut self, raw: RawConfig, source: &Path) -> Option<Config> {
+        let log = self.log(raw.log);
+        let runtime = self.runtime(raw.runtime);
+        let admin = self.admin(raw.admin);
+        let timeouts = self.global_timeouts(raw.timeouts.as_ref());
+        let limits = self.limits(raw.limits);
+        let listeners = self.listeners(raw.listeners, &admin);
+        let upstreams = self.upstreams(raw.upstreams);
+        let routes = self.routes(raw.routes, &upstreams, timeouts);
+        Some(Config {
+            source: source.to_path_buf(),
+            log,
+            runtime,
+            admin: admin.config,
+            listeners: listeners?,
+            timeouts,
+            limits,
+            upstreams: upstreams.configs,
+            routes: routes?,
+        })
+    }
+
+    // ----- [log], [runtime], [admin] -----
+
+    fn log(&mut self, raw: Option<raw::RawLog>) -> LogConfig {
+        let mut log = LogConfig {
+            level: defaults::LOG_LEVEL.to_string(),
+            format: defaults::LOG_FORMAT,
+        };
+        let Some(raw) = raw else { return log };
+        if let Some(level) = raw.level {
+            match check_log_level(level.get_ref()) {
+                Ok(()) => log.level = level.get_ref().clone(),
+                Err(e) => self.report(
+                    level.span(),
+                    format!("invalid log level {:?} for log.level: {e}", level.get_ref()),
+                ),
+            }
+        }
+        if let Some(format) = raw.format {
+            match format.get_ref().as_str() {
+                "text" => log.format = LogFormat::Text,
+                "json" => log.format = LogFormat::Json,
+                other => self.report(
+                    format.span(),
+                    format!(
+                        r#"invalid log format {other:?} for log.format: expected "text" or "json""#
+                    ),
+                ),
+            }
+        }
+        log
+    }
+
+    fn runtime(&mut self, raw: Option<raw::RawRuntime>) -> RuntimeConfig {
+        let mut runtime = RuntimeConfig {
+            worker_threads: defaults::WORKER_THREADS,
+        };
+        if let Some(threads) = raw.and_then(|r| r.worker_threads) {
+            let n = *threads.get_ref();
+            match usize::try_from(n) {
+                Ok(n) if n as i64 <= MAX_WORKER_THREADS => runtime.worker_threads = n,
+                _ => self.report(
+                    threads.span(),
+                    format!(
+                        "invalid runtime.worker_threads {n}: expected 0 (one per CPU core) up to {MAX_WORKER_THREADS}"
+                    ),
+                ),
+            }
+        }
+        runtime
+    }
+
+    fn admin(&mut self, raw: Option<raw::RawAdmin>) -> CheckedAdmin {
+        let mut admin = CheckedAdmin {
+            config: AdminConfig {
+                bind: defaults::ADMIN_BIND,
+            },
+            span: None,
+        };
+        if let Some(bind) = raw.and_then(|r| r.bind) {
+            match parse_bind(bind.get_ref()) {
+                Ok(addr) => {
+                    admin.config.bind = addr;
+                    admin.span = Some(bind.span());
+                }
+                Err(e) => self.report(
+                    bind.span(),
+                    format!("invalid address {:?} for admin.bind: {e}", bind.get_ref()),
+                ),
+            }
+        }
+        admin
+    }
+
+    // ----- [timeouts] and [limits] -----
+
+    fn global_timeouts(&mut self, raw: Option<&RawTimeouts>) -> Timeouts {
+        let base = Timeouts::default();
+        let Some(raw) = raw else { return base };
+        let timeouts = self.timeouts_over(base, raw, "timeouts");
+        // Blame drain_spread when it was written, else the shutdown_grace that undercut it.
+        let blame = raw.drain_spread.as_ref().or(raw.shutdown_grace.as_ref());
+        if let (Some(value), true) = (blame, timeouts.drain_spread > timeouts.shutdown_grace) {
+            self.report(
+                value.span(),
+                format!(
+                    "timeouts.drain_spread ({}) is longer than timeouts.shutdown_grace ({}): the last close frames would be sent after the drain has already forced connections shut; make drain_spread at most shutdown_grace",
+                    format_duration(timeouts.drain_spread),
+                    format_duration(timeouts.shutdown_grace)
+                ),
+            );
+        }
+        timeouts
+    }
+
+    /// `raw` laid over `base`; `prefix` is the table path for messages.
+    fn timeouts_over(&mut self, base: Timeouts, raw: &RawTimeouts, prefix: &str) -> Timeouts {
+        let mut t = base;
+        let key = |name: &str| format!("{prefix}.{name}");
+        if let Some(v) = &raw.client_header {
+            t.client_header = self.positive_duration(v, &key("client_header"), t.client_header);
+        }
+        if let Some(v) = &raw.upstream_connect {
+            t.upstream_connect =
+                self.positive_duration(v, &key("upstream_connect"), t.upstream_connect);
+        }
+        if let Some(v) = &raw.upstream_handshake {
+            t.upstream_handshake =
+                self.positive_duration(v, &key("upstream_handshake"), t.upstream_handshake);
+        }
+        if let Some(v) = &raw.idle {
+            t.idle = self.positive_duration(v, &key("idle"), t.idle);
+        }
+        if let Some(v) = &raw.ping_interval {
+            t.ping_interval = self
+                .duration(v, &key("ping_interval"))
+                .map_or(t.ping_interval, zero_is_off);
+        }
+        if let Some(v) = &raw.pong_timeout {
+            t.pong_timeout = self.positive_duration(v, &key("pong_timeout"), t.pong_timeout);
+        }
+        if let Some(v) = &raw.upstream_ping_interval {
+            t.upstream_ping_interval = self
+                .duration(v, &key("upstream_ping_interval"))
+                .map_or(t.upstream_ping_interval, zero_is_off);
+        }
+        if let Some(v) = &raw.shutdown_grace {
+            t.shutdown_grace = self.positive_duration(v, &key("shutdown_grace"), t.shutdown_grace);
+        }
+        if let Some(v) = &raw.drain_spread {
+            t.drain_spread = self
+                .duration(v, &key("drain_spread"))
+                .unwrap_or(t.drain_spread);
+        }
+        t
+    }
+
+    fn duration(&mut self, value: &Spanned<UnitText>, key: &str) -> Option<Duration> {
+        match parse_duration(&value.get_ref().text) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.report(
+                    value.span(),
+                    format!(
+                        "invalid duration {} for {key}: {e}",
+                        value.get_ref().shown()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration that must be more than zero; `fallback` is used after reporting a problem.
+    fn positive_duration(
+        &mut self,
+        value: &Spanned<UnitText>,
+        key: &str,
+        fallback: Duration,
+    ) -> Duration {
+        match self.duration(value, key) {
+            Some(d) if d.is_zero() => {
+                self.report(
+                    value.span(),
+                    format!(
+                        "{key} must be more than zero (it cannot be switched off), e.g. \"{}\"",
+                        format_duration(fallback)
+                    ),
+                );
+                fallback
+            }
+            Some(d) => d,
+            None => fallback,
+        }
+    }
+
+    fn limits(&mut self, raw: Option<RawLimits>) -> Limits {
+        let mut limits = Limits::default();
+        let Some(raw) = raw else { return limits };
+        if let Some(v) = raw.max_connections {
+            limits.max_connections = self
+                .count(&v, "limits.max_connections", 1, i64::MAX)
+                .unwrap_or(limits.max_connections);
+        }
+        if let Some(v) = raw.max_connections_per_ip {
+            limits.max_connections_per_ip = self
+                .count(&v, "limits.max_connections_per_ip", 1, i64::MAX)
+                .unwrap_or(limits.max_connections_per_ip);
+        }
+        if let Some(v) = raw.handshake_rate_per_ip {
+            limits.handshake_rate_per_ip = self
+                .rate(&v, "limits.handshake_rate_per_ip")
+                .unwrap_or(limits.handshake_rate_per_ip);
+        }
+        if let Some(v) = raw.max_frame_size {
+            match parse_size(&v.get_ref().text) {
+                Ok(0) => self.report(
+                    v.span(),
+                    r#"limits.max_frame_size must be more than zero, e.g. "1MiB""#,
+                ),
+                Ok(n) if n > MAX_FRAME_SIZE_LIMIT => self.report(
+                    v.span(),
+                    "limits.max_frame_size is larger than a WebSocket frame can be (2^63 bytes)",
+                ),
+                Ok(n) => limits.max_frame_size = n,
+                Err(e) => self.report(
+                    v.span(),
+                    format!(
+                        "invalid size {} for limits.max_frame_size: {e}",
+                        v.get_ref().shown()
+                    ),
+                ),
+            }
+        }
+        if let Some(v) = raw.max_frame_rate {
+            limits.max_frame_rate = self
+                .rate(&v, "limits.max_frame_rate")
+                .unwrap_or(limits.max_frame_rate);
+        }
+        limits
+    }
+
+    fn rate(&mut self, value: &Spanned<UnitText>, key: &str) -> Option<Option<Rate>> {
+        match parse_rate(&value.get_ref().text) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.report(
+                    value.span(),
+                    format!("invalid rate {} for {key}: {e}", value.get_ref().shown()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A whole number in `min..=max`.
+    fn count(&mut self, value: &Spanned<i64>, key: &str, min: i64, max: i64) -> Option<u64> {
+        let n = *value.get_ref();
+        if n < min || n > max {
+            let range = if max == i64::MAX {
+                format!("at least {min}")
+            } else {
+                format!("between {min} and {max}")
+            };
+            self.report(value.span(), format!("invalid {key} {n}: expected {range}"));
+            return None;
+        }
+        u64::try_from(n).ok()
+    }
+
+    // ----- [listeners] -----
+
+    fn listeners(
+        &mut self,
+        raw: Option<NamedTables<RawListener>>,
+        admin: &CheckedAdmin,
+    ) -> Option<Vec<ListenerConfig>> {
+        let Some(raw) = raw else {
+            self.problems.push(Problem::whole_file(
+                r#"no listeners: add at least one, e.g. [listeners.public] with bind = "0.0.0.0:8080""#,
+            ));
+            return None;
+        };
+        if raw.entries.is_empty() {
+            self.report(
+                raw.span,
+                r#"[listeners] is empty: add at least one, e.g. [listeners.public] with bind = "0.0.0.0:8080""#,
+            );
+            return None;
+        }
+        let mut entries = raw.entries;
+        entries.sort_by_key(|e| e.span.start);
+        // Addresses taken so far, in file order, to report clashes at the later one.
+        let mut taken: Vec<(SocketAddr, String)> = vec![(
+            admin.config.bind,
+            if admin.span.is_some() {
+                "admin.bind".to_string()
+            } else {
+                format!("admin.bind (default {})", admin.config.bind)
+            },
+        )];
+        let mut out = Vec::new();
+        let mut complete = true;
+        for entry in entries {
+            self.check_name(&entry.name, "listener");
+            let Named { name, value, .. } = entry;
+            let Some(raw) = value else {
+                complete = false;
+                continue;
+            };
+            let name = name.into_inner();
+            let path = format!("listeners.{}", key_segment(&name));
+            let bind = match parse_bind(raw.bind.get_ref()) {
+                Ok(addr) => {
+                    if let Some(other) = taken
+                        .iter()
+                        .find_map(|(a, who)| clash(*a, addr).then_some(who))
+                    {
+                        let message = format!(
+                            "{path}.bind {addr} clashes with {other}: {}",
+                            clash_reason(addr)
+                        );
+                        self.report(raw.bind.span(), message);
+                    }
+                    taken.push((addr, format!("{path}.bind")));
+                    Some(addr)
+                }
+                Err(e) => {
+                    self.report(
+                        raw.bind.span(),
+                        format!(
+                            "invalid address {:?} for {path}.bind: {e}",
+                            raw.bind.get_ref()
+                        ),
+                    );
+                    None
+                }
+            };
+            let tls = match raw.tls {
+                Some(tls) => self.listener_tls(tls, &path).map(Some),
+                None => Some(None),
+            };
+            match (bind, tls) {
+                (Some(bind), Some(tls)) => out.push(ListenerConfig {
+                    name,
+                    bind,
+                    http2: raw.http2.unwrap_or(defaults::LISTENER_HTTP2),
+                    tls,
+                }),
+                _ => complete = false,
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        complete.then_some(out)
+    }
+
+    fn listener_tls(&mut self, raw: RawTls, path: &str) -> Option<TlsConfig> {
+        let tls_path = format!("{path}.tls");
+        let default = self.cert_key(&raw.cert, &raw.key, &tls_path);
+        let mut sni = Vec::new();
+        let mut complete = default.is_some();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, entry) in raw.sni.unwrap_or_default().into_iter().enumerate() {
+            let entry_path = format!("{tls_path}.sni[{i}]");
+            let server_name = match parse_sni_name(entry.server_name.get_ref()) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.report(
+                        entry.server_name.span(),
+                        format!(
+                            "invalid server_name {:?} in {entry_path}: {e}",
+                            entry.server_name.get_ref()
+                        ),
+                    );
+                    None
+                }
+            };
+            if let Some(n) = &server_name {
+                if let Some(first) = seen.get(n) {
+                    self.report(
+                        entry.server_name.span(),
+                        format!(
+                            "server_name {n:?} appears twice in {tls_path}.sni (entries {first} and {i}); each name can have one certificate"
+                        ),
+                    );
+                } else {
+                    seen.insert(n.clone(), i);
+                }
+            }
+            let cert = self.cert_key(&entry.cert, &entry.key, &entry_path);
+            match (server_name, cert) {
+                (Some(server_name), Some(cert)) => sni.push(SniCert { server_name, cert }),
+                _ => complete = false,
+            }
+        }
+        let default = default?;
+        complete.then_some(TlsConfig { default, sni })
+    }
+
+    /// Loads a certificate chain and its key and checks that they belong together.
+    fn cert_key(
+        &mut self,
+        cert: &Spanned<String>,
+        key: &Spanned<String>,
+        path: &str,
+    ) -> Option<CertKey> {
+        let cert_path = self.resolve(cert.get_ref());
+        let key_path = self.resolve(key.get_ref());
+        let chain = self.certificates(cert, &format!("{path}.cert"));
+        let private_key = self.private_key(key, &format!("{path}.key"));
+        let (chain, private_key) = (chain?, private_key?);
+        match rustls::sign::CertifiedKey::from_der(
+            chain.clone(),
+            private_key.clone_key(),
+            &self.provider,
+        ) {
+            Ok(_) => Some(CertKey {
+                cert_path,
+                key_path,
+                chain,
+                key: private_key,
+            }),
+            Err(rustls::Error::InconsistentKeys(_)) => {
+                self.report(
+                    key.span(),
+                    format!(
+                        "private key {:?} does not match certificate {:?} ({path}): the key must be the one the certificate was issued for",
+                        key.get_ref(),
+                        cert.get_ref()
+                    ),
+                );
+                None
+            }
+            Err(rustls::Error::InvalidCertificate(e)) => {
+                self.report(
+                    cert.span(),
+                    format!(
+                        "certificate {:?} for {path}.cert cannot be used: {e}",
+                        cert.get_ref()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                self.report(
+                    key.span(),
+                    format!(
+                        "private key {:?} for {path}.key cannot be used: {e} (supported: RSA, ECDSA P-256/P-384, Ed25519)",
+                        key.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A relative path from the config is relative to the config file's folder.
+    fn resolve(&self, path: &str) -> PathBuf {
+        self.base_dir.join(path)
+    }
+
+    /// Reads a file named by a config value, reporting failure at the value.
+    fn read_file(&mut self, value: &Spanned<String>, what: &str, key: &str) -> Option<Vec<u8>> {
+        let resolved = self.resolve(value.get_ref());
+        match std::fs::read(&resolved) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                let looked = if resolved.as_path() == Path::new(value.get_ref()) {
+                    String::new()
+                } else {
+                    format!(" (looked for {})", resolved.display())
+                };
+                self.report(
+                    value.span(),
+                    format!(
+                        "cannot read {what} file {:?} for {key}: {e}{looked}; relative paths are relative to the config file's folder",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Every certificate in a PEM file; at least one.
+    fn certificates(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+    ) -> Option<Vec<CertificateDer<'static>>> {
+        let bytes = self.read_file(value, "certificate", key)?;
+        let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+        match chain {
+            Ok(chain) if chain.is_empty() => {
+                let swapped = if PrivateKeyDer::from_pem_slice(&bytes).is_ok() {
+                    " (it holds a private key: are cert and key swapped?)"
+                } else {
+                    ""
+                };
+                self.report(
+                    value.span(),
+                    format!(
+                        "no certificate found in {:?} for {key}{swapped}: expected PEM blocks \"-----BEGIN CERTIFICATE-----\"",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+            Ok(chain) => Some(chain),
+            Err(e) => {
+                self.report(
+                    value.span(),
+                    format!(
+                        "invalid PEM in {:?} for {key}: {}",
+                        value.get_ref(),
+                        pem_error(&e)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn private_key(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+    ) -> Option<PrivateKeyDer<'static>> {
+        let bytes = self.read_file(value, "private key", key)?;
+        match PrivateKeyDer::from_pem_slice(&bytes) {
+            Ok(k) => Some(k),
+            Err(pem::Error::NoItemsFound) => {
+                self.report(
+                    value.span(),
+                    format!(
+                        "no private key found in {:?} for {key}: expected a PEM block \"-----BEGIN PRIVATE KEY-----\" (PKCS#8), \"-----BEGIN RSA PRIVATE KEY-----\" (PKCS#1) or \"-----BEGIN EC PRIVATE KEY-----\" (SEC1)",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                self.report(
+                    value.span(),
+                    format!(
+                        "invalid PEM in {:?} for {key}: {}",
+                        value.get_ref(),
+                        pem_error(&e)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    // ----- [upstreams] -----
+
+    fn upstreams(&mut self, raw: Option<NamedTables<RawUpstream>>) -> CheckedUpstreams {
+        let mut checked = CheckedUpstreams::default();
+        let Some(raw) = raw else { return checked };
+        for entry in raw.entries {
+            self.check_name(&entry.name, "upstream");
+            let name = entry.name.into_inner();
+            checked.names.insert(name.clone());
+            let Some(raw) = entry.value else { continue };
+            if let Some(upstream) = self.upstream(name, raw) {
+                checked.configs.push(upstream);
+            }
+        }
+        checked.configs.sort_by(|a, b| a.name.cmp(&b.name));
+        checked
+    }
+
+    fn upstream(&mut self, name: String, raw: RawUpstream) -> Option<UpstreamConfig> {
+        let path = format!("upstreams.{}", key_segment(&name));
+        let mut ok = true;
+        let mut servers: Vec<ServerAddr> = Vec::new();
+        if raw.servers.get_ref().is_empty() {
+            self.report(
+                raw.servers.span(),
+                format!(r#"{path}.servers is empty: list at least one "host:port", e.g. servers = ["127.0.0.1:9001"]"#),
+            );
+            ok = false;
+        }
+        for server in raw.servers.get_ref() {
+            match parse_server(server.get_ref()) {
+                Ok(addr) if servers.contains(&addr) => {
+                    self.report(
+                        server.span(),
+                        format!("server {addr} is listed twice in {path}.servers"),
+                    );
+                    ok = false;
+                }
+                Ok(addr) => servers.push(addr),
+                Err(e) => {
+                    self.report(
+                        server.span(),
+                        format!(
+                            "invalid server {:?} in {path}.servers: {e}",
+                            server.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let balance = match raw.balance {
+            None => defaults::BALANCE,
+            Some(b) => match parse_balance(b.get_ref()) {
+                Ok(balance) => balance,
+                Err(e) => {
+                    self.report(
+                        b.span(),
+                        format!("invalid balance {:?} for {path}.balance: {e}", b.get_ref()),
+                    );
+                    ok = false;
+                    defaults::BALANCE
+                }
+            },
+        };
+        let tls = match raw.tls {
+            None => Some(None),
+            Some(tls) => self.upstream_tls(tls, &path),
+        };
+        let health = match raw.health {
+            None => Some(None),
+            Some(h) => self.health(h, &path),
+        };
+        let (tls, health) = (tls?, health?);
+        ok.then_some(UpstreamConfig {
+            name,
+            servers,
+            balance,
+            tls,
+            health,
+        })
+    }
+
+    /// `Some(None)` for a valid table with `enabled = false`; `None` after a problem.
+    fn upstream_tls(&mut self, raw: RawUpstreamTls, path: &str) -> Option<Option<UpstreamTls>> {
+        let mut ok = true;
+        let ca = match &raw.ca {
+            Some(ca) => self.certificates(ca, &format!("{path}.tls.ca")),
+            None => Some(Vec::new()),
+        };
+        let server_name = match &raw.server_name {
+            None => None,
+            Some(n) => match ServerName::try_from(n.get_ref().as_str()) {
+                Ok(_) if !n.get_ref().is_empty() => Some(n.get_ref().to_ascii_lowercase()),
+                _ => {
+                    self.report(
+                        n.span(),
+                        format!(
+                            "invalid {path}.tls.server_name {:?}: expected a DNS name or IP address, e.g. \"chat.internal\"",
+                            n.get_ref()
+                        ),
+                    );
+                    ok = false;
+                    None
+                }
+            },
+        };
+        let ca = ca?;
+        if !ok {
+            return None;
+        }
+        if raw.enabled.unwrap_or(defaults::UPSTREAM_TLS_ENABLED) {
+            Some(Some(UpstreamTls { ca, server_name }))
+        } else {
+            Some(None)
+        }
+    }
+
+    /// `Some(Some(check))` when valid, `None` after a problem.
+    fn health(&mut self, raw: RawHealth, path: &str) -> Option<Option<HealthCheck>> {
+        let path = format!("{path}.health");
+        let start = self.problems.len();
+        let mut check = HealthCheck {
+            path: defaults::HEALTH_PATH.to_string(),
+            interval: defaults::HEALTH_INTERVAL,
+            timeout: defaults::HEALTH_TIMEOUT,
+            unhealthy_after: defaults::HEALTH_UNHEALTHY_AFTER,
+            healthy_after: defaults::HEALTH_HEALTHY_AFTER,
+        };
+        if let Some(p) = raw.path {
+            let text = p.get_ref();
+            if !text.starts_with('/') || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.report(
+                    p.span(),
+                    format!(r#"invalid {path}.path {text:?}: expected an absolute request path such as "/healthz""#),
+                );
+            } else {
+                check.path = text.clone();
+            }
+        }
+        if let Some(v) = raw.interval {
+            check.interval =
+                self.positive_duration(&v, &format!("{path}.interval"), check.interval);
+        }
+        if let Some(v) = raw.timeout {
+            check.timeout = self.positive_duration(&v, &format!("{path}.timeout"), check.timeout);
+        }
+        let max = i64::from(u32::MAX);
+        if let Some(v) = raw.unhealthy_after {
+            if let Some(n) = self.count(&v, &format!("{path}.unhealthy_after"), 1, max) {
+                check.unhealthy_after = u32::try_from(n).unwrap_or(u32::MAX);
+            }
+        }
+        if let Some(v) = raw.healthy_after {
+            if let Some(n) = self.count(&v, &format!("{path}.healthy_after"), 1, max) {
+                check.healthy_after = u32::try_from(n).unwrap_or(u32::MAX);
+            }
+        }
+        (self.problems.len() == start).then_some(Some(check))
+    }
+
+    // ----- [routes] -----
+
+    fn routes(
+        &mut self,
+        raw: Option<NamedTables<RawRoute>>,
+        upstreams: &CheckedUpstreams,
+        global: Timeouts,
+    ) -> Option<Vec<RouteConfig>> {
+        let Some(raw) = raw else {
+            self.problems.push(Problem::whole_file(
+                r#"no routes: add at least one, e.g. [routes.app] with path = "/" and upstream = "app" (or builtin = "echo")"#,
+            ));
+            return None;
+        };
+        if raw.entries.is_empty() {
+            self.report(
+                raw.span,
+                r#"[routes] is empty: add at least one, e.g. [routes.app] with path = "/" and upstream = "app""#,
+            );
+            return None;
+        }
+        let mut entries = raw.entries;
+        entries.sort_by_key(|e| e.span.start);
+        let mut out = Vec::new();
+        let mut complete = true;
+        // (host, path) -> name of the first route that claimed it.
+        let mut claimed: HashMap<(HostMatch, String), String> = HashMap::new();
+        for entry in entries {
+            self.check_name(&entry.name, "route");
+            let name = entry.name.into_inner();
+            let Some(raw) = entry.value else {
+                complete = false;
+                continue;
+            };
+            let (route, claim) = self.route(&name, raw, entry.span, upstreams, global);
+            if let Some((host, path, blame)) = claim {
+                let label = format!("{} and path {path:?}", host_label(&host));
+                match claimed.get(&(host.clone(), path.clone())) {
+                    Some(first) => self.report(
+                        blame,
+                        format!(
+                            "routes `{first}` and `{name}` both match {label}; a request could not tell them apart: change the host or path of one"
+                        ),
+                    ),
+                    None => {
+                        claimed.insert((host, path), name.clone());
+                    }
+                }
+            }
+            match route {
+                Some(route) => out.push(route),
+                None => complete = false,
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        complete.then_some(out)
+    }
+
+    /// One route (`None` after a problem), and the host + path it claims with the span to
+    /// blame if another route claimed them first (`None` when host or path is invalid).
+    fn route(
+        &mut self,
+        name: &str,
+        raw: RawRoute,
+        table_span: Range<usize>,
+        upstreams: &CheckedUpstreams,
+        global: Timeouts,
+    ) -> (Option<RouteConfig>, Option<Claim>) {
+        let path_key = format!("routes.{}", key_segment(name));
+        let mut blame = table_span.clone();
+        let mut place_ok = true;
+        let host = match &raw.host {
+            None => HostMatch::Any,
+            Some(h) => match parse_host(h.get_ref()) {
+                Ok(host) => host,
+                Err(e) => {
+                    place_ok = false;
+                    self.report(
+                        h.span(),
+                        format!("invalid host {:?} for {path_key}.host: {e}", h.get_ref()),
+                    );
+                    HostMatch::Any
+                }
+            },
+        };
+        let path = match &raw.path {
+            None => defaults::ROUTE_PATH.to_string(),
+            Some(p) => {
+                blame = p.span();
+                match normalize_path(p.get_ref()) {
+                    Ok(path) => path,
+                    Err(e) => {
+                        place_ok = false;
+                        self.report(
+                            p.span(),
+                            format!("invalid path {:?} for {path_key}.path: {e}", p.get_ref()),
+                        );
+                        defaults::ROUTE_PATH.to_string()
+                    }
+                }
+            }
+        };
+        if raw.path.is_none() {
+            if let Some(h) = &raw.host {
+                blame = h.span();
+            }
+        }
+        let target = match (&raw.upstream, &raw.builtin) {
+            (Some(_), Some(b)) => {
+                self.report(
+                    b.span(),
+                    format!("{path_key} has both `upstream` and `builtin`: a route is answered by one of them; remove one"),
+                );
+                None
+            }
+            (None, None) => {
+                self.report(
+                    table_span,
+                    format!(r#"{path_key} needs a target: add upstream = "NAME" (one of the [upstreams]) or builtin = "echo""#),
+                );
+                None
+            }
+            (Some(u), None) => {
+                let wanted = u.get_ref();
+                if upstreams.names.contains(wanted) {
+                    Some(RouteTarget::Upstream(wanted.clone()))
+                } else {
+                    let known = if upstreams.names.is_empty() {
+                        "no upstreams are defined; add an [upstreams.NAME] table".to_string()
+                    } else {
+                        format!(
+                            "known upstreams: {}",
+                            upstreams
+                                .names
+                                .iter()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    };
+                    self.report(
+                        u.span(),
+                        format!("unknown upstream `{wanted}` for {path_key}.upstream; {known}"),
+                    );
+                    None
+                }
+            }
+            (None, Some(b)) => {
+                match b.get_ref().as_str() {
+                    "echo" => Some(RouteTarget::Builtin(Builtin::Echo)),
+                    other => {
+                        self.report(
+                        b.span(),
+                        format!(r#"unknown builtin {other:?} for {path_key}.builtin: expected "echo""#),
+                    );
+                        None
+                    }
+                }
+            }
+        };
+        let allowed_origins = match &raw.allowed_origins {
+            None => None,
+            Some(list) if list.get_ref().is_empty() => {
+                self.report(
+                    list.span(),
+                    format!("{path_key}.allowed_origins is empty, which would refuse every browser; list the allowed origins, or remove the key to allow any origin"),
+                );
+                None
+            }
+            Some(list) => {
+                let mut origins = Vec::new();
+                for origin in list.get_ref() {
+                    match normalize_origin(origin.get_ref()) {
+                        Ok(o) => {
+                            if !origins.contains(&o) {
+                                origins.push(o);
+                            }
+                        }
+                        Err(e) => self.report(
+                            origin.span(),
+                            format!(
+                                "invalid origin {:?} in {path_key}.allowed_origins: {e}",
+                                origin.get_ref()
+                            ),
+                        ),
+                    }
+                }
+                Some(origins)
+            }
+        };
+        let timeouts = match &raw.timeouts {
+            Some(t) => self.timeouts_over(global, t, &format!("{path_key}.timeouts")),
+            None => global,
+        };
+        let claim = place_ok.then(|| (host.clone(), path.clone(), blame));
+        let route = target.map(|target| RouteConfig {
+            name: name.to_string(),
+            host,
+            path,
+            target,
+            allowed_origins,
+            strip_prefix: raw.strip_prefix.unwrap_or(defaults::ROUTE_STRIP_PREFIX),
+            timeouts,
+        });
+        (route, claim)
+    }
+
+    /// Names are metric labels and appear in logs: keep them plain.
+    fn check_name(&mut self, name: &Spanned<String>, what: &str) {
+        let n = name.get_ref();
+        let plain = !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !plain {
+            self.report(
+                name.span(),
+                format!(
+                    "invalid {what} name {n:?}: use letters, digits, '_', '-' and '.' only (names are metric labels)"
+                ),
+            );
+        }
+    }
+}
+
+/// The host and path a route answers for, and the span to blame if another route has them.
+type Claim = (HostMatch, String, Range<usize>);
+
+/// The admin address and whether it was written in the file.
+struct CheckedAdmin {
+    config: AdminConfig,
+    span: Option<Range<usize>>,
+}
+
+/// Upstreams that checked out, and every name defined (even broken ones, so routes that
+/// point at them are not reported a second time).
+#[derive(Default)]
+struct CheckedUpstreams {
+    configs: Vec<UpstreamConfig>,
+    names: BTreeSet<String>,
+}
+
+fn zero_is_off(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn host_label(host: &HostMatch) -> String {
+    match host {
+        HostMatch::Any => "any host".to_string(),
+        other => format!("host {other}"),
+    }
+}
+
+/// True when two listeners cannot both bind: the same address, or the same port with one of
+/// them on the wildcard address of the same family. Port 0 (pick any free port) never clashes.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    a.ip() == b.ip()
+        || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+}
+
+fn clash_reason(addr: SocketAddr) -> &'static str {
+    if addr.ip().is_unspecified() {
+        "a wildcard address covers every address of its family on that port; use another port"
+    } else {
+        "two listeners cannot bind the same address and port; use another port or address"
+    }
+}
+
+fn pem_error(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM block is not closed (missing {:?})",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!("malformed BEGIN line {:?}", String::from_utf8_lossy(line))
+        }
+        pem::Error::Base64Decode(e) => format!("bad base64 inside a PEM block ({e})"),
+        other => other.to_string(),
+    }
+}
+
+fn check_log_level(level: &str) -> Result<(), String> {
+    let hint = r#"expected one of trace, debug, info, warn, error, off, or EnvFilter directives such as "wsgate=debug,info""#;
+    if level.trim().is_empty() {
+        return Err(format!("empty; {hint}"));
+    }
+    let is_directive = level.contains(['=', ',', '[']);
+    if !is_directive && !LOG_LEVEL_NAMES.contains(&level.to_ascii_lowercase().as_str()) {
+        return Err(format!("unknown level; {hint}"));
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| format!("{e}; {hint}"))
+}
+
+/// `IP:port` for a socket to bind.
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        let host_name = s
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && h.parse::<IpAddr>().is_err() && p.parse::<u16>().is_ok() && !h.starts_with('['));
+        if host_name {
+            r#"expected an IP address and port, not a host name, e.g. "127.0.0.1:8080" or "0.0.0.0:8080""#
+                .to_string()
+        } else {
+            r#"expected IP:port, e.g. "0.0.0.0:8080" or "[::]:8443""#.to_string()
+        }
+    })
+}
+
+/// `host:port` of an upstream server. IPv6 literals go in brackets: `[::1]:9000`.
+pub fn parse_server(s: &str) -> Result<ServerAddr, String> {
+    const EXAMPLE: &str =
+        r#"expected host:port, e.g. "127.0.0.1:9001", "app.internal:9001" or "[::1]:9001""#;
+    if s.contains("://") {
+        return Err(format!("no scheme here; {EXAMPLE}"));
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (inner, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("unclosed '['; {EXAMPLE}"))?;
+        let ip: Ipv6Addr = inner
+            .parse()
+            .map_err(|_| format!("{inner:?} is not an IPv6 address; {EXAMPLE}"))?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| format!("missing port; {EXAMPLE}"))?;
+        (ip.to_string(), port)
+    } else {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("missing port; {EXAMPLE}"))?;
+        if host.contains(':') {
+            return Err(format!(
+                "IPv6 addresses need brackets, e.g. \"[{host}]:{port}\""
+            ));
+        }
+        if host.is_empty() {
+            return Err(format!("missing host; {EXAMPLE}"));
+        }
+        check_dns_name(host).map_err(|e| format!("bad host {host:?}: {e}; {EXAMPLE}"))?;
+        (host.to_ascii_lowercase(), port)
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("invalid port {port:?}: expected 1 to 65535")),
+    };
+    Ok(ServerAddr { host, port })
+}
+
+/// `round_robin`, `least_conn`, `ip_hash`, `header:NAME` or `cookie:NAME`.
+pub fn parse_balance(s: &str) -> Result<Balance, String> {
+    const VALID: &str =
+        r#"expected one of round_robin, least_conn, ip_hash, "header:NAME", "cookie:NAME""#;
+    match s {
+        "round_robin" => return Ok(Balance::RoundRobin),
+        "least_conn" => return Ok(Balance::LeastConn),
+        "ip_hash" => return Ok(Balance::IpHash),
+        _ => {}
+    }
+    if let Some(name) = s.strip_prefix("header:") {
+        return if is_token(name) {
+            Ok(Balance::Header(name.to_ascii_lowercase()))
+        } else {
+            Err(format!(
+                "{name:?} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only), e.g. \"header:X-User-Id\""
+            ))
+        };
+    }
+    if let Some(name) = s.strip_prefix("cookie:") {
+        return if is_token(name) {
+            Ok(Balance::Cookie(name.to_string()))
+        } else {
+            Err(format!(
+                "{name:?} is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~ only), e.g. \"cookie:io\""
+            ))
+        };
+    }
+    let fixed = s.replace('-', "_").to_ascii_lowercase();
+    if fixed != s && ["round_robin", "least_conn", "ip_hash"].contains(&fixed.as_str()) {
+        return Err(format!("did you mean {fixed:?}? {VALID}"));
+    }
+    Err(VALID.to_string())
+}
+
+/// An RFC 9110 token: what header and cookie names are made of.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+}
+
+/// A route's `host`: exact ("chat.example.com") or a leading wildcard ("*.example.com"),
+/// lower-cased, without port.
+pub fn parse_host(s: &str) -> Result<HostMatch, String> {
+    if s.is_empty() {
+        return Err("empty; omit `host` to match any host".to_string());
+    }
+    if s.contains("://") || s.contains('/') {
+        return Err(
+            r#"just the host name, without scheme or path, e.g. "chat.example.com""#.to_string(),
+        );
+    }
+    let lower = s.to_ascii_lowercase();
+    if lower == "*" {
+        return Err("omit `host` to match any host".to_string());
+    }
+    if let Some(inner) = lower.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return match inner.parse::<Ipv6Addr>() {
+            Ok(_) => Ok(HostMatch::Exact(lower)),
+            Err(_) => Err(format!("{inner:?} is not an IPv6 address")),
+        };
+    }
+    if lower.contains(':') {
+        return Err(
+            r#"no port here: a route matches the host on every listener, e.g. "chat.example.com""#
+                .to_string(),
+        );
+    }
+    if let Some(suffix) = lower.strip_prefix("*.") {
+        if suffix.contains('*') {
+            return Err(
+                r#"only one leading "*." wildcard is allowed, e.g. "*.example.com""#.to_string(),
+            );
+        }
+        check_dns_name(suffix)?;
+        return Ok(HostMatch::WildcardSuffix(format!(".{suffix}")));
+    }
+    if lower.contains('*') {
+        return Err(r#"only a leading "*." wildcard is allowed, e.g. "*.example.com""#.to_string());
+    }
+    check_dns_name(&lower)?;
+    Ok(HostMatch::Exact(lower))
+}
+
+/// A name for `sni`: an exact DNS name, lower-cased.
+fn parse_sni_name(s: &str) -> Result<String, String> {
+    if s.contains('*') {
+        return Err(
+            "exact names only; the certificate for anything else is the default `cert`".to_string(),
+        );
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Err("SNI carries DNS names, not IP addresses".to_string());
+    }
+    let lower = s.to_ascii_lowercase();
+    check_dns_name(&lower)?;
+    Ok(lower)
+}
+
+/// Letters, digits, '-' and '_' in dot-separated labels of 1-63 characters, 253 at most.
+fn check_dns_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("a host name has 1 to 253 characters".to_string());
+    }
+    for label in s.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(
+                "each dot-separated part of a host name has 1 to 63 characters".to_string(),
+            );
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err("a host name has letters, digits, '-' and '_' only".to_string());
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a part of a host name cannot start or end with '-'".to_string());
+        }
+    }
+    Ok(())
+}
+
+/// A route's `path`: starts with '/', no trailing '/' (except "/" itself), no empty, "." or
+/// ".." segments, no query or fragment.
+pub fn normalize_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!(
+            r#"must start with '/', e.g. "/{}""#,
+            s.trim_start_matches('/')
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{c:?} is not allowed: a route path is a plain prefix, without query or fragment"
+        ));
+    }
+    let trimmed = s.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok("/".to_string());
+    }
+    for segment in trimmed.split('/').skip(1) {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err(
+                r#"empty, "." and ".." segments are not allowed, e.g. "/chat/ws""#.to_string(),
+            );
+        }
+    }
+    Ok(trimmed.to_string())
+}
+
+/// An `allowed_origins` entry: `scheme://host[:port]`, lower-cased, default port dropped.
+pub fn normalize_origin(s: &str) -> Result<String, String> {
+    const EXAMPLE: &str = r#"expected scheme://host[:port], e.g. "https://chat.example.com""#;
+    let (scheme, rest) = s.split_once("://").ok_or_else(|| EXAMPLE.to_string())?;
+    let scheme = scheme.to_ascii_lowercase();
+    let scheme_ok = scheme
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok {
+        return Err(format!("bad scheme {scheme:?}; {EXAMPLE}"));
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!(
+            "an origin has no path: write \"{scheme}://{}\"",
+            rest.split(['/', '?', '#']).next().unwrap_or("")
+        ));
+    }
+    if rest.contains('*') {
+        return Err(format!(
+            "wildcards are not supported; list each origin; {EXAMPLE}"
+        ));
+    }
+    if rest.contains('@') {
+        return Err(format!("an origin has no user info; {EXAMPLE}"));
+    }
+    let rest = rest.to_ascii_lowercase();
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (inner, after) = r.split_once(']').ok_or_else(|| EXAMPLE.to_string())?;
+        inner
+            .parse::<Ipv6Addr>()
+            .map_err(|_| format!("{inner:?} is not an IPv6 address; {EXAMPLE}"))?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or_else(|| EXAMPLE.to_string())?),
+        };
+        (format!("[{inner}]"), port)
+    } else {
+        let (host, port) = match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest.as_str(), None),
+        };
+        check_dns_name(host).map_err(|e| format!("bad host {host:?}: {e}; {EXAMPLE}"))?;
+        (host.to_string(), port)
+    };
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err(format!("invalid port {p:?}: expected 1 to 65535")),
+        },
+    };
+    let default_port = match scheme.as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    };
+    Ok(match port {
+        Some(p) if Some(p) != default_port => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid file of 9 lines; tests append tables from line 10 on.
+    const BASE: &str = "\
+[listeners.public]
+bind = \"127.0.0.1:8080\"
+
+[upstreams.app]
+servers = [\"127.0.0.1:9001\"]
+
+[routes.app]
+path = \"/\"
+upstream = \"app\"
+";
+
+    fn with(extra: &str) -> String {
+        format!("{BASE}{extra}")
+    }
+
+    fn load(text: &str) -> Result<Config, Vec<String>> {
+        Config::from_toml(text, Path::new("proxy.toml"))
+            .map_err(|e| e.diagnostics.iter().map(ToString::to_string).collect())
+    }
+
+    fn config(text: &str) -> Config {
+        match load(text) {
+            Ok(c) => c,
+            Err(problems) => panic!("expected a valid config, got {problems:#?}"),
+        }
+    }
+
+    /// Exactly one problem, starting with `prefix` ("proxy.toml:L:C: ") and containing `phrase`.
+    #[track_caller]
+    fn one_problem(text: &str, prefix: &str, phrase: &str) {
+        let problems = load(text).err().unwrap_or_default();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with(prefix) && problems[0].contains(phrase),
+            "want {prefix:?} ... {phrase:?}, got {:?}",
+            problems[0]
+        );
+    }
+
+    #[test]
+    fn base_config_is_valid() {
+        let c = config(BASE);
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.source, Path::new("proxy.toml"));
+        assert!(c.upstream("app").is_some());
+        assert!(c.route("app").is_some());
+        assert!(c.upstream("nope").is_none());
+        assert!(c.route("nope").is_none());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_values() {
+        let c = config(&with(
+            "[upstreams.h]\nservers = [\"a:1\"]\nhealth = {}\ntls = {}\n",
+        ));
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.runtime.worker_threads, 0);
+        assert_eq!(
+            c.admin.bind,
+            "127.0.0.1:9090".parse::<SocketAddr>().unwrap()
+        );
+        assert!(!c.listeners[0].http2);
+        assert!(c.listeners[0].tls.is_none());
+        let s = Duration::from_secs;
+        assert_eq!(
+            c.timeouts,
+            Timeouts {
+                client_header: s(10),
+                upstream_connect: s(5),
+                upstream_handshake: s(10),
+                idle: s(300),
+                ping_interval: Some(s(30)),
+                pong_timeout: s(10),
+                upstream_ping_interval: None,
+                shutdown_grace: s(30),
+                drain_spread: s(5),
+            }
+        );
+        assert_eq!(
+            c.limits,
+            Limits {
+                max_connections: 100_000,
+                max_connections_per_ip: 1000,
+                handshake_rate_per_ip: Some(Rate {
+                    count: 50,
+                    per: s(1)
+                }),
+                max_frame_size: 1024 * 1024,
+                max_frame_rate: None,
+            }
+        );
+        let app = c.upstream("app").unwrap();
+        assert_eq!(app.balance, Balance::RoundRobin);
+        assert!(app.tls.is_none() && app.health.is_none());
+        let h = c.upstream("h").unwrap();
+        assert_eq!(
+            h.health,
+            Some(HealthCheck {
+                path: "/healthz".into(),
+                interval: s(5),
+                timeout: s(2),
+                unhealthy_after: 3,
+                healthy_after: 2,
+            })
+        );
+        let tls = h.tls.as_ref().expect("a tls table means tls enabled");
+        assert!(tls.ca.is_empty() && tls.server_name.is_none());
+        let route = c.route("app").unwrap();
+        assert_eq!(route.host, HostMatch::Any);
+        assert_eq!(route.target, RouteTarget::Upstream("app".into()));
+        assert!(!route.strip_prefix);
+        assert!(route.allowed_origins.is_none());
+        assert_eq!(route.timeouts, c.timeouts);
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let text = r#"
+[log]
+level = "wsgate=debug,hyper=info"
+format = "json"
+[runtime]
+worker_threads = 4
+[admin]
+bind = "[::1]:9191"
+[listeners.public]
+bind = "0.0.0.0:8080"
+http2 = true
+[timeouts]
+client_header = "3s"
+upstream_connect = "1.5s"
+upstream_handshake = "2s"
+idle = "1h"
+ping_interval = "0s"
+pong_timeout = "500ms"
+upstream_ping_interval = "1m30s"
+shutdown_grace = "1m"
+drain_spread = "0s"
+[limits]
+max_connections = 10
+max_connections_per_ip = 2
+handshake_rate_per_ip = "0/s"
+max_frame_size = "64KiB"
+max_frame_rate = "100/m"
+[upstreams.chat]
+servers = ["10.0.0.1:9001", "[::1]:9002", "Chat.Internal:9003"]
+balance = "cookie:io"
+tls = { enabled = false, server_name = "chat.internal" }
+health = { path = "/up", interval = "10s", timeout = "1s", unhealthy_after = 5, healthy_after = 1 }
+[routes.chat]
+host = "*.Example.com"
+path = "/ws/"
+upstream = "chat"
+allowed_origins = ["https://Chat.Example.com:443", "http://localhost:3000"]
+strip_prefix = true
+[routes.chat.timeouts]
+idle = "30m"
+[routes.echo]
+path = "/echo"
+builtin = "echo"
+"#;
+        let c = config(text);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.runtime.worker_threads, 4);
+        assert_eq!(c.admin.bind, "[::1]:9191".parse::<SocketAddr>().unwrap());
+        assert!(c.listeners[0].http2);
+        assert_eq!(c.timeouts.ping_interval, None);
+        assert_eq!(
+            c.timeouts.upstream_ping_interval,
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(c.timeouts.drain_spread, Duration::ZERO);
+        assert_eq!(c.limits.handshake_rate_per_ip, None);
+        assert_eq!(c.limits.max_frame_size, 65536);
+        assert_eq!(
+            c.limits.max_frame_rate,
+            Some(Rate {
+                count: 100,
+                per: Duration::from_secs(60)
+            })
+        );
+        let chat = c.upstream("chat").unwrap();
+        assert_eq!(chat.balance, Balance::Cookie("io".into()));
+        assert!(chat.tls.is_none(), "enabled = false");
+        assert_eq!(
+            chat.servers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.1:9001", "[::1]:9002", "chat.internal:9003"]
+        );
+        assert_eq!(chat.health.as_ref().unwrap().healthy_after, 1);
+        let route = c.route("chat").unwrap();
+        assert_eq!(route.host, HostMatch::WildcardSuffix(".example.com".into()));
+        assert_eq!(route.path, "/ws");
+        assert!(route.strip_prefix);
+        assert_eq!(
+            route.allowed_origins.as_deref(),
+            Some(
+                &[
+                    "https://chat.example.com".to_string(),
+                    "http://localhost:3000".to_string()
+                ][..]
+            )
+        );
+        assert_eq!(
+            c.route("echo").unwrap().target,
+            RouteTarget::Builtin(Builtin::Echo)
+        );
+        // Sorted by name.
+        let names: Vec<_> = c.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["chat", "echo"]);
+    }
+
+    #[test]
+    fn route_timeouts_are_laid_over_the_global_ones() {
+        let text = with(
+            "[timeouts]\nidle = \"10m\"\nping_interval = \"20s\"\n\
+             [routes.slow]\npath = \"/slow\"\nupstream = \"app\"\n\
+             [routes.slow.timeouts]\nidle = \"2h\"\nping_interval = \"0s\"\nupstream_connect = \"1s\"\n",
+        );
+        let c = config(&text);
+        let global = c.timeouts;
+        assert_eq!(global.idle, Duration::from_secs(600));
+        let slow = c.route("slow").unwrap().timeouts;
+        assert_eq!(slow.idle, Duration::from_secs(7200));
+        assert_eq!(slow.ping_interval, None);
+        assert_eq!(slow.upstream_connect, Duration::from_secs(1));
+        // Everything not overridden comes from [timeouts] (and its defaults).
+        assert_eq!(
+            slow,
+            Timeouts {
+                idle: slow.idle,
+                ping_interval: None,
+                upstream_connect: slow.upstream_connect,
+                ..global
+            }
+        );
+        assert_eq!(c.route("app").unwrap().timeouts, global);
+    }
+
+    #[test]
+    fn route_timeouts_are_checked_like_global_ones() {
+        one_problem(
+            &with("[routes.app.timeouts]\nidle = \"0s\"\n"),
+            "proxy.toml:11:8: ",
+            "routes.app.timeouts.idle must be more than zero",
+        );
+        one_problem(
+            &with("[routes.app.timeouts]\npong = \"1s\"\n"),
+            "proxy.toml:11:1: ",
+            "unknown key `pong` in [routes.app.timeouts]; expected one of: client_header, upstream_connect,",
+        );
+    }
+
+    #[test]
+    fn durations_must_be_valid_and_some_positive() {
+        one_problem(
+            &with("[timeouts]\nidle = \"30 seconds\"\n"),
+            "proxy.toml:11:8: ",
+            r#"invalid duration "30 seconds" for timeouts.idle: expected a number and a unit (ms, s, m, h), e.g. "30s""#,
+        );
+        one_problem(
+            &with("[timeouts]\nidle = 30\n"),
+            "proxy.toml:11:8: ",
+            "invalid duration 30 for timeouts.idle: a bare number needs a unit",
+        );
+        for key in [
+            "client_header",
+            "upstream_connect",
+            "upstream_handshake",
+            "idle",
+            "pong_timeout",
+            "shutdown_grace",
+        ] {
+            let col = key.len() + 4;
+            one_problem(
+                &with(&format!("[timeouts]\n{key} = \"0ms\"\n")),
+                &format!("proxy.toml:11:{col}: "),
+                &format!("timeouts.{key} must be more than zero"),
+            );
+        }
+        let c = config(&with(
+            "[timeouts]\nping_interval = \"0s\"\nupstream_ping_interval = \"0s\"\ndrain_spread = \"0s\"\n",
+        ));
+        assert_eq!(c.timeouts.ping_interval, None);
+        assert_eq!(c.timeouts.upstream_ping_interval, None);
+        one_problem(
+            &with("[timeouts]\nshutdown_grace = \"10s\"\ndrain_spread = \"20s\"\n"),
+            "proxy.toml:12:16: ",
+            "timeouts.drain_spread (20s) is longer than timeouts.shutdown_grace (10s)",
+        );
+        one_problem(
+            &with("[timeouts]\nshutdown_grace = \"3s\"\n"),
+            "proxy.toml:11:18: ",
+            "timeouts.drain_spread (5s) is longer than timeouts.shutdown_grace (3s)",
+        );
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        one_problem(
+            &with("[limits]\nmax_frame_size = \"1M\"\n"),
+            "proxy.toml:11:18: ",
+            r#"invalid size "1M" for limits.max_frame_size: unknown unit "M"; expected a number and a unit (B, KiB, MiB, GiB, KB, MB, GB)"#,
+        );
+        one_problem(
+            &with("[limits]\nmax_frame_size = \"0B\"\n"),
+            "proxy.toml:11:18: ",
+            "limits.max_frame_size must be more than zero",
+        );
+        one_problem(
+            &with("[limits]\nmax_frame_size = \"9223372036854775809B\"\n"),
+            "proxy.toml:11:18: ",
+            "larger than a WebSocket frame can be",
+        );
+        let c = config(&with("[limits]\nmax_frame_size = \"8589934592GiB\"\n"));
+        assert_eq!(c.limits.max_frame_size, 1 << 63);
+        one_problem(
+            &with("[limits]\nhandshake_rate_per_ip = \"50\"\n"),
+            "proxy.toml:11:25: ",
+            r#"invalid rate "50" for limits.handshake_rate_per_ip: expected a whole count and a period (s, m, h)"#,
+        );
+        one_problem(
+            &with("[limits]\nmax_connections = 0\n"),
+            "proxy.toml:11:19: ",
+            "invalid limits.max_connections 0: expected at least 1",
+        );
+        one_problem(
+            &with("[limits]\nmax_connections_per_ip = -5\n"),
+            "proxy.toml:11:26: ",
+            "invalid limits.max_connections_per_ip -5: expected at least 1",
+        );
+    }
+
+    #[test]
+    fn runtime_and_log_are_checked() {
+        one_problem(
+            &with("[runtime]\nworker_threads = 1025\n"),
+            "proxy.toml:11:18: ",
+            "expected 0 (one per CPU core) up to 1024",
+        );
+        one_problem(
+            &with("[runtime]\nworker_threads = -1\n"),
+            "proxy.toml:11:18: ",
+            "invalid runtime.worker_threads -1",
+        );
+        assert_eq!(
+            config(&with("[runtime]\nworker_threads = 1024\n"))
+                .runtime
+                .worker_threads,
+            1024
+        );
+        one_problem(
+            &with("[log]\nformat = \"yaml\"\n"),
+            "proxy.toml:11:10: ",
+            r#"invalid log format "yaml" for log.format: expected "text" or "json""#,
+        );
+        one_problem(
+            &with("[log]\nlevel = \"inf\"\n"),
+            "proxy.toml:11:9: ",
+            r#"invalid log level "inf" for log.level: unknown level"#,
+        );
+        one_problem(
+            &with("[log]\nlevel = \"wsgate=loud\"\n"),
+            "proxy.toml:11:9: ",
+            "invalid log level \"wsgate=loud\"",
+        );
+        for level in ["debug", "WARN", "off", "wsgate=trace", "info,hyper=warn"] {
+            assert_eq!(
+                config(&with(&format!("[log]\nlevel = \"{level}\"\n")))
+                    .log
+                    .level,
+                level
+            );
+        }
+    }
+
+    #[test]
+    fn listeners_are_required_and_checked() {
+        let no_listeners = "[routes.e]\nbuiltin = \"echo\"\n";
+        let problems = load(no_listeners).unwrap_err();
+        assert_eq!(
+            problems,
+            ["proxy.toml: no listeners: add at least one, e.g. [listeners.public] with bind = \"0.0.0.0:8080\""]
+        );
+        one_problem(
+            "[listeners]\n[routes.e]\nbuiltin = \"echo\"\n",
+            "proxy.toml:1:1: ",
+            "[listeners] is empty",
+        );
+        one_problem(
+            &with("[listeners.other]\nbind = \"localhost:8080\"\n"),
+            "proxy.toml:11:8: ",
+            "not a host name",
+        );
+        one_problem(
+            &with("[listeners.other]\nbind = \"8080\"\n"),
+            "proxy.toml:11:8: ",
+            r#"invalid address "8080" for listeners.other.bind: expected IP:port"#,
+        );
+        one_problem(
+            &with("[listeners.other]\nbnd = \"127.0.0.1:1\"\n"),
+            "proxy.toml:11:1: ",
+            "unknown key `bnd` in [listeners.other]; expected one of: bind, http2, tls",
+        );
+        one_problem(
+            &with("[listeners.other]\nhttp2 = true\n"),
+            "proxy.toml:10:1: ",
+            "missing key `bind` in [listeners.other]",
+        );
+        one_problem(
+            &with("[listeners.\"my listener\"]\nbind = \"127.0.0.1:1\"\n"),
+            "proxy.toml:10:12: ",
+            "invalid listener name \"my listener\"",
+        );
+    }
+
+    #[test]
+    fn listener_addresses_must_not_clash() {
+        one_problem(
+            &with("[listeners.again]\nbind = \"127.0.0.1:8080\"\n"),
+            "proxy.toml:11:8: ",
+            "listeners.again.bind 127.0.0.1:8080 clashes with listeners.public.bind",
+        );
+        one_problem(
+            &with("[listeners.all]\nbind = \"0.0.0.0:8080\"\n"),
+            "proxy.toml:11:8: ",
+            "clashes with listeners.public.bind: a wildcard address covers every address",
+        );
+        // The admin listener is in the set too, with its default address.
+        one_problem(
+            &with("[listeners.admin_like]\nbind = \"127.0.0.1:9090\"\n"),
+            "proxy.toml:11:8: ",
+            "clashes with admin.bind (default 127.0.0.1:9090)",
+        );
+        one_problem(
+            &with("[admin]\nbind = \"127.0.0.1:8080\"\n"),
+            "proxy.toml:2:8: ",
+            "listeners.public.bind 127.0.0.1:8080 clashes with admin.bind",
+        );
+        // Port 0 (any free port) never clashes; other families and ports do not either.
+        config(&with(
+            "[listeners.a]\nbind = \"127.0.0.1:0\"\n[listeners.b]\nbind = \"127.0.0.1:0\"\n\
+             [listeners.c]\nbind = \"[::1]:8080\"\n[listeners.d]\nbind = \"127.0.0.1:8081\"\n",
+        ));
+    }
+
+    #[test]
+    fn upstream_servers_are_checked() {
+        one_problem(
+            &with("[upstreams.none]\nservers = []\n"),
+            "proxy.toml:11:11: ",
+            "upstreams.none.servers is empty",
+        );
+        one_problem(
+            &with("[upstreams.none]\nbalance = \"ip_hash\"\n"),
+            "proxy.toml:10:1: ",
+            "missing key `servers` in [upstreams.none]",
+        );
+        let cases = [
+            ("127.0.0.1", "missing port"),
+            (
+                "::1:9000",
+                "IPv6 addresses need brackets, e.g. \"[::1]:9000\"",
+            ),
+            ("[::1]", "missing port"),
+            ("[fe80::zz]:1", "is not an IPv6 address"),
+            ("app:0", "invalid port \"0\""),
+            ("app:70000", "invalid port \"70000\""),
+            ("http://app:80", "no scheme here"),
+            (":80", "missing host"),
+            ("a b:80", "bad host"),
+        ];
+        for (server, phrase) in cases {
+            one_problem(
+                &with(&format!("[upstreams.u]\nservers = [\"{server}\"]\n")),
+                "proxy.toml:11:12: ",
+                phrase,
+            );
+        }
+        one_problem(
+            &with("[upstreams.u]\nservers = [\"a:1\", \"A:1\"]\n"),
+            "proxy.toml:11:19: ",
+            "server a:1 is listed twice in upstreams.u.servers",
+        );
+        assert_eq!(
+            parse_server("[::1]:9000"),
+            Ok(ServerAddr {
+                host: "::1".into(),
+                port: 9000
+            })
+        );
+    }
+
+    #[test]
+    fn balance_modes() {
+        let good = [
+            ("round_robin", Balance::RoundRobin),
+            ("least_conn", Balance::LeastConn),
+            ("ip_hash", Balance::IpHash),
+            ("header:X-User-Id", Balance::Header("x-user-id".into())),
+            ("cookie:io", Balance::Cookie("io".into())),
+            ("cookie:JSESSIONID", Balance::Cookie("JSESSIONID".into())),
+        ];
+        for (text, want) in good {
+            let c = config(&with(&format!(
+                "[upstreams.b]\nservers = [\"a:1\"]\nbalance = \"{text}\"\n"
+            )));
+            assert_eq!(c.upstream("b").unwrap().balance, want);
+            assert_eq!(want.to_string(), text.replace("X-User-Id", "x-user-id"));
+        }
+        let bad = [
+            ("random", "expected one of round_robin, least_conn, ip_hash, \"header:NAME\", \"cookie:NAME\""),
+            ("least-conn", "did you mean \"least_conn\"?"),
+            ("header:", "\"\" is not a valid header name"),
+            ("header:X User", "is not a valid header name"),
+            ("cookie:a;b", "is not a valid cookie name"),
+        ];
+        for (text, phrase) in bad {
+            one_problem(
+                &with(&format!(
+                    "[upstreams.b]\nservers = [\"a:1\"]\nbalance = \"{text}\"\n"
+                )),
+                "proxy.toml:12:11: ",
+                phrase,
+            );
+        }
+    }
+
+    #[test]
+    fn upstream_health_is_checked() {
+        one_problem(
+            &with("[upstreams.h]\nservers = [\"a:1\"]\nhealth = { unhealthy_after = 0 }\n"),
+            "proxy.toml:12:30: ",
+            "invalid upstreams.h.health.unhealthy_after 0: expected between 1 and 4294967295",
+        );
+        one_problem(
+            &with("[upstreams.h]\nservers = [\"a:1\"]\nhealth = { healthy_after = 0 }\n"),
+            "proxy.toml:12:28: ",
+            "upstreams.h.health.healthy_after",
+        );
+        one_problem(
+            &with("[upstreams.h]\nservers = [\"a:1\"]\nhealth = { path = \"healthz\" }\n"),
+            "proxy.toml:12:19: ",
+            "invalid upstreams.h.health.path \"healthz\"",
+        );
+        one_problem(
+            &with("[upstreams.h]\nservers = [\"a:1\"]\nhealth = { interval = \"0s\" }\n"),
+            "proxy.toml:12:23: ",
+            "upstreams.h.health.interval must be more than zero",
+        );
+        one_problem(
+            &with("[upstreams.h]\nservers = [\"a:1\"]\nhealth = { every = \"5s\" }\n"),
+            "proxy.toml:12:12: ",
+            "unknown key `every` in [upstreams.h.health]; expected one of: path, interval, timeout, unhealthy_after, healthy_after",
+        );
+    }
+
+    #[test]
+    fn route_targets_are_checked() {
+        one_problem(
+            &with("[routes.chat]\npath = \"/ws\"\nupstream = \"chta\"\n"),
+            "proxy.toml:12:12: ",
+            "unknown upstream `chta` for routes.chat.upstream; known upstreams: app",
+        );
+        one_problem(
+            "[listeners.l]\nbind = \"127.0.0.1:1\"\n[routes.r]\nupstream = \"x\"\n",
+            "proxy.toml:4:12: ",
+            "no upstreams are defined",
+        );
+        one_problem(
+            &with("[routes.both]\npath = \"/b\"\nupstream = \"app\"\nbuiltin = \"echo\"\n"),
+            "proxy.toml:13:11: ",
+            "routes.both has both `upstream` and `builtin`",
+        );
+        one_problem(
+            &with("[routes.none]\npath = \"/n\"\n"),
+            "proxy.toml:10:1: ",
+            "routes.none needs a target: add upstream = \"NAME\"",
+        );
+        one_problem(
+            &with("[routes.e]\npath = \"/e\"\nbuiltin = \"ehco\"\n"),
+            "proxy.toml:12:11: ",
+            "unknown builtin \"ehco\" for routes.e.builtin: expected \"echo\"",
+        );
+        // A route naming an upstream that is itself broken gets no second error.
+        let problems = load(&with(
+            "[upstreams.bad]\nservers = 1\n[routes.b]\npath = \"/b\"\nupstream = \"bad\"\n",
+        ))
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+    }
+
+    #[test]
+    fn routes_are_required() {
+        let problems = load("[listeners.l]\nbind = \"127.0.0.1:1\"\n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("proxy.toml: no routes: add at least one"));
+        one_problem(
+            "[listeners.l]\nbind = \"127.0.0.1:1\"\n[routes]\n",
+            "proxy.toml:3:1: ",
+            "[routes] is empty",
+        );
+    }
+
+    #[test]
+    fn route_paths_are_normalised() {
+        for (text, want) in [
+            ("/", "/"),
+            ("/ws", "/ws"),
+            ("/ws/", "/ws"),
+            ("/a/b/", "/a/b"),
+            ("//", "/"),
+            ("/Chat", "/Chat"),
+        ] {
+            assert_eq!(normalize_path(text).as_deref(), Ok(want), "{text}");
+        }
+        for (text, phrase) in [
+            ("ws", "must start with '/', e.g. \"/ws\""),
+            ("", "must start with '/'"),
+            ("/a?b=1", "'?' is not allowed"),
+            ("/a#x", "'#' is not allowed"),
+            ("/a b", "' ' is not allowed"),
+            ("/a//b", "empty, \".\" and \"..\" segments"),
+            ("/a/../b", "empty, \".\" and \"..\" segments"),
+        ] {
+            one_problem(
+                &with(&format!(
+                    "[routes.p]\npath = \"{text}\"\nbuiltin = \"echo\"\n"
+                )),
+                "proxy.toml:11:8: ",
+                phrase,
+            );
+        }
+    }
+
+    #[test]
+    fn route_hosts_are_normalised() {
+        for (text, want) in [
+            (
+                "Chat.Example.COM",
+                HostMatch::Exact("chat.example.com".into()),
+            ),
+            (
+                "*.Example.com",
+                HostMatch::WildcardSuffix(".example.com".into()),
+            ),
+            ("localhost", HostMatch::Exact("localhost".into())),
+            ("10.0.0.1", HostMatch::Exact("10.0.0.1".into())),
+            ("[::1]", HostMatch::Exact("[::1]".into())),
+        ] {
+            assert_eq!(parse_host(text), Ok(want.clone()), "{text}");
+            assert_eq!(want.to_string(), text.to_ascii_lowercase());
+        }
+        for (text, phrase) in [
+            ("chat.example.com:443", "no port here"),
+            ("*", "omit `host` to match any host"),
+            ("", "omit `host`"),
+            ("*example.com", "only a leading \"*.\" wildcard"),
+            ("a.*.com", "only a leading \"*.\" wildcard"),
+            ("*.*.com", "only one leading \"*.\" wildcard"),
+            ("https://a.com", "without scheme or path"),
+            ("a..com", "1 to 63 characters"),
+            ("-a.com", "cannot start or end with '-'"),
+            ("a b.com", "letters, digits, '-' and '_' only"),
+        ] {
+            one_problem(
+                &with(&format!(
+                    "[routes.h]\nhost = \"{text}\"\nbuiltin = \"echo\"\n"
+                )),
+                "proxy.toml:11:8: ",
+                phrase,
+            );
+        }
+    }
+
+    #[test]
+    fn two_routes_with_the_same_host_and_path_are_an_error() {
+        one_problem(
+            &with("[routes.app2]\npath = \"/\"\nupstream = \"app\"\n"),
+            "proxy.toml:11:8: ",
+            "routes `app` and `app2` both match any host and path \"/\"",
+        );
+        // Equal after normalisation: trailing '/', host case.
+        one_problem(
+            &with(
+                "[routes.a]\nhost = \"Chat.example.com\"\npath = \"/ws/\"\nbuiltin = \"echo\"\n\
+                 [routes.b]\nhost = \"chat.example.com\"\npath = \"/ws\"\nbuiltin = \"echo\"\n",
+            ),
+            "proxy.toml:16:8: ",
+            "routes `a` and `b` both match host chat.example.com and path \"/ws\"",
+        );
+        // Without a path the host is blamed.
+        one_problem(
+            &with(
+                "[routes.a]\nhost = \"*.x.com\"\nbuiltin = \"echo\"\n\
+                 [routes.b]\nhost = \"*.X.com\"\nbuiltin = \"echo\"\n",
+            ),
+            "proxy.toml:14:8: ",
+            "routes `a` and `b` both match host *.x.com and path \"/\"",
+        );
+        // Different hosts, or exact vs wildcard, are different routes.
+        config(&with(
+            "[routes.a]\nhost = \"a.com\"\nbuiltin = \"echo\"\n\
+             [routes.b]\nhost = \"*.a.com\"\nbuiltin = \"echo\"\n",
+        ));
+    }
+
+    #[test]
+    fn allowed_origins_are_checked() {
+        assert_eq!(
+            normalize_origin("HTTPS://Chat.Example.com:443").as_deref(),
+            Ok("https://chat.example.com")
+        );
+        assert_eq!(
+            normalize_origin("http://localhost:3000").as_deref(),
+            Ok("http://localhost:3000")
+        );
+        assert_eq!(
+            normalize_origin("http://[::1]:80").as_deref(),
+            Ok("http://[::1]")
+        );
+        let prefix = "[routes.o]\npath = \"/o\"\nbuiltin = \"echo\"\nallowed_origins = ";
+        for (text, phrase) in [
+            (
+                "https://a.com/",
+                "an origin has no path: write \"https://a.com\"",
+            ),
+            ("https://a.com/chat", "an origin has no path"),
+            (
+                "a.com",
+                "expected scheme://host[:port], e.g. \"https://chat.example.com\"",
+            ),
+            ("https://*.a.com", "wildcards are not supported"),
+            ("https://a.com:0", "invalid port \"0\""),
+            ("https://", "bad host"),
+            ("null", "expected scheme://host[:port]"),
+        ] {
+            one_problem(
+                &with(&format!("{prefix}[\"{text}\"]\n")),
+                "proxy.toml:13:20: ",
+                phrase,
+            );
+        }
+        one_problem(
+            &with(&format!("{prefix}[]\n")),
+            "proxy.toml:13:19: ",
+            "routes.o.allowed_origins is empty, which would refuse every browser",
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_file_order() {
+        let text = "\
+[log]
+format = \"xml\"
+[listeners.public]
+bind = \"127.0.0.1:8080\"
+binnd = 1
+[timeouts]
+idle = \"5 minutes\"
+[limits]
+max_frame_size = \"1 MiB\"
+[upstreams.app]
+servers = [\"127.0.0.1\"]
+balance = \"fastest\"
+[routes.app]
+upstream = \"ap\"
+[routes.other]
+path = \"nope\"
+builtin = \"echo\"
+";
+        let problems = load(text).unwrap_err();
+        let prefixes: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(": ").next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            prefixes,
+            [
+                "proxy.toml:2:10",
+                "proxy.toml:5:1",
+                "proxy.toml:7:8",
+                "proxy.toml:9:18",
+                "proxy.toml:11:12",
+                "proxy.toml:12:11",
+                "proxy.toml:14:12",
+                "proxy.toml:16:8",
+            ],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        one_problem(
+            &with("[upstreams.h]\nservers = [\"a:1\"]\nhealth = { path = \"/äö\", interval = \"5\" }\n"),
+            "proxy.toml:12:37: ",
+            "invalid duration \"5\" for upstreams.h.health.interval",
+        );
+    }
+
+    #[test]
+    fn syntax_errors_stop_before_semantics() {
+        let problems = load("[listeners.public\nbind = 1\n").unwrap_err();
+        assert!(!problems.is_empty());
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.starts_with("proxy.toml:1:") && p.contains("TOML syntax error")),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_has_no_position() {
+        let err = Config::load(Path::new("/nonexistent/dir/proxy.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("/nonexistent/dir/proxy.toml: cannot read the config file: "),
+            "{text}"
+        );
+        assert_eq!(err.diagnostics[0].line, 0);
+    }
+
+    #[test]
+    fn error_display_is_one_line_per_problem() {
+        let err = Config::from_toml(
+            "[listeners.a]\nbind = \"x\"\n[routes.r]\nbuiltin = \"nope\"\n",
+            Path::new("tests/x/bad.toml"),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("tests/x/bad.toml:2:8: invalid address \"x\""));
+        assert!(lines[1].starts_with("tests/x/bad.toml:4:11: unknown builtin"));
+        assert!(!text.ends_with('\n'));
+    }
+
+    #[test]
+    fn summary_lists_listeners_routes_upstreams() {
+        let c = config(&with(
+            "[upstreams.chat]\nservers = [\"10.0.0.1:1\", \"[::1]:2\"]\nbalance = \"least_conn\"\n\
+             [routes.chat]\nhost = \"*.example.com\"\npath = \"/ws\"\nupstream = \"chat\"\n\
+             [routes.echo]\npath = \"/echo\"\nbuiltin = \"echo\"\n",
+        ));
+        let s = c.summary();
+        assert!(s.ends_with('\n'));
+        assert!(
+            s.starts_with("proxy.toml: configuration OK (1 listener, 3 routes, 2 upstreams)\n"),
+            "{s}"
+        );
+        for line in [
+            "  public  127.0.0.1:8080  http2: no  tls: no",
+            "  chat  host *.example.com  path /ws    -> upstream chat",
+            "  echo  host *              path /echo  -> builtin echo",
+            "  chat  least_conn   10.0.0.1:1, [::1]:2",
+            "  app   round_robin  127.0.0.1:9001",
+        ] {
+            assert!(s.lines().any(|l| l == line), "missing {line:?} in\n{s}");
+        }
+        assert!(s.lines().count() < 25);
+    }
+
+    /// Certificate files in a temporary folder, referred to by relative paths.
+    struct Certs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Certs {
+        fn new() -> Certs {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("certs")).unwrap();
+            let certs = Certs { dir };
+            for name in ["a", "b"] {
+                let pair = rcgen::generate_simple_self_signed(vec![format!("{name}.example.com")])
+                    .unwrap();
+                certs.write(&format!("certs/{name}.crt"), &pair.cert.pem());
+                certs.write(
+                    &format!("certs/{name}.key"),
+                    &pair.signing_key.serialize_pem(),
+                );
+            }
+            let ed_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let ed_cert = rcgen::CertificateParams::new(vec!["ed.example.com".to_string()])
+                .unwrap()
+                .self_signed(&ed_key)
+                .unwrap();
+            certs.write("certs/ed.crt", &ed_cert.pem());
+            certs.write("certs/ed.key", &ed_key.serialize_pem());
+            certs.write("garbage.pem", "this is not PEM at all\n");
+            certs.write(
+                "badbase64.pem",
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+            );
+            certs.write(
+                "notder.pem",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            );
+            certs
+        }
+
+        fn write(&self, name: &str, contents: &str) {
+            std::fs::write(self.dir.path().join(name), contents).unwrap();
+        }
+
+        fn source(&self) -> PathBuf {
+            self.dir.path().join("proxy.toml")
+        }
+
+        /// A config whose listener `tls` table is `tls` (starting at line 3).
+        fn listener(&self, tls: &str) -> String {
+            format!(
+                "[listeners.public]\nbind = \"127.0.0.1:8443\"\n{tls}\n\
+                 [routes.echo]\nbuiltin = \"echo\"\n"
+            )
+        }
+
+        fn load(&self, text: &str) -> Result<Config, Vec<String>> {
+            // Write the file and load it from disk, as `wsgate check` does.
+            std::fs::write(self.source(), text).unwrap();
+            Config::load(&self.source()).map_err(|e| {
+                e.diagnostics
+                    .iter()
+                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                    .collect()
+            })
+        }
+
+        #[track_caller]
+        fn one_problem(&self, text: &str, position: &str, phrase: &str) {
+            let problems = self.load(text).err().unwrap_or_default();
+            assert_eq!(problems.len(), 1, "{problems:#?}");
+            assert!(
+                problems[0].starts_with(position) && problems[0].contains(phrase),
+                "want {position:?} ... {phrase:?}, got {:?}",
+                problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn matching_cert_and_key_load_relative_to_the_config_folder() {
+        let certs = Certs::new();
+        let text = certs.listener(
+            "[listeners.public.tls]\ncert = \"certs/a.crt\"\nkey = \"certs/a.key\"\n\
+             sni = [\n  { server_name = \"B.example.com\", cert = \"certs/b.crt\", key = \"certs/b.key\" },\n\
+             { server_name = \"ed.example.com\", cert = \"certs/ed.crt\", key = \"certs/ed.key\" },\n]",
+        );
+        let c = certs.load(&text).unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.default.cert_path, certs.dir.path().join("certs/a.crt"));
+        assert_eq!(tls.default.key_path, certs.dir.path().join("certs/a.key"));
+        assert_eq!(tls.default.chain.len(), 1);
+        assert!(matches!(tls.default.key, PrivateKeyDer::Pkcs8(_)));
+        let names: Vec<_> = tls.sni.iter().map(|s| s.server_name.as_str()).collect();
+        assert_eq!(names, ["b.example.com", "ed.example.com"]);
+        assert!(c.summary().contains("tls: yes, certs: "));
+        assert!(c.summary().contains("b.example.com ("));
+    }
+
+    #[test]
+    fn mismatched_key_is_reported_at_the_key() {
+        let certs = Certs::new();
+        certs.one_problem(
+            &certs.listener("[listeners.public.tls]\ncert = \"certs/a.crt\"\nkey = \"certs/b.key\""),
+            "5:7: ",
+            "private key \"certs/b.key\" does not match certificate \"certs/a.crt\" (listeners.public.tls)",
+        );
+        certs.one_problem(
+            &certs.listener(
+                "tls = { cert = \"certs/a.crt\", key = \"certs/a.key\", sni = [\
+                 { server_name = \"ed.example.com\", cert = \"certs/ed.crt\", key = \"certs/a.key\" }] }",
+            ),
+            "3:122: ",
+            "private key \"certs/a.key\" does not match certificate \"certs/ed.crt\" (listeners.public.tls.sni[0])",
+        );
+    }
+
+    #[test]
+    fn missing_and_garbage_files_are_reported() {
+        let certs = Certs::new();
+        certs.one_problem(
+            &certs.listener(
+                "[listeners.public.tls]\ncert = \"certs/missing.crt\"\nkey = \"certs/a.key\"",
+            ),
+            "4:8: ",
+            "cannot read certificate file \"certs/missing.crt\" for listeners.public.tls.cert: ",
+        );
+        certs.one_problem(
+            &certs
+                .listener("[listeners.public.tls]\ncert = \"garbage.pem\"\nkey = \"certs/a.key\""),
+            "4:8: ",
+            "no certificate found in \"garbage.pem\" for listeners.public.tls.cert",
+        );
+        certs.one_problem(
+            &certs
+                .listener("[listeners.public.tls]\ncert = \"certs/a.key\"\nkey = \"certs/a.key\""),
+            "4:8: ",
+            "are cert and key swapped?",
+        );
+        certs.one_problem(
+            &certs.listener(
+                "[listeners.public.tls]\ncert = \"badbase64.pem\"\nkey = \"certs/a.key\"",
+            ),
+            "4:8: ",
+            "invalid PEM in \"badbase64.pem\" for listeners.public.tls.cert: bad base64",
+        );
+        certs.one_problem(
+            &certs.listener("[listeners.public.tls]\ncert = \"notder.pem\"\nkey = \"certs/a.key\""),
+            "4:8: ",
+            "certificate \"notder.pem\" for listeners.public.tls.cert cannot be used",
+        );
+        certs.one_problem(
+            &certs.listener("[listeners.public.tls]\ncert = \"certs/a.crt\"\nkey = \"certs/a.crt\""),
+            "5:7: ",
+            "no private key found in \"certs/a.crt\" for listeners.public.tls.key: expected a PEM block",
+        );
+        certs.one_problem(
+            &certs.listener("[listeners.public.tls]\ncert = \"certs/a.crt\""),
+            "3:1: ",
+            "missing key `key` in [listeners.public.tls]",
+        );
+        // Both files missing: two problems, one at each value.
+        let problems = certs
+            .load(&certs.listener("[listeners.public.tls]\ncert = \"x.crt\"\nkey = \"x.key\""))
+            .unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[1].starts_with("5:7: cannot read private key file \"x.key\""));
+    }
+
+    #[test]
+    fn sni_names_are_checked() {
+        let certs = Certs::new();
+        let entry = |name: &str| {
+            format!("{{ server_name = \"{name}\", cert = \"certs/b.crt\", key = \"certs/b.key\" }}")
+        };
+        let tls = |entries: &[String]| {
+            certs.listener(&format!(
+                "[listeners.public.tls]\ncert = \"certs/a.crt\"\nkey = \"certs/a.key\"\nsni = [\n{}\n]",
+                entries.join(",\n")
+            ))
+        };
+        certs.one_problem(
+            &tls(&[entry("b.example.com"), entry("B.example.com")]),
+            "8:17: ",
+            "server_name \"b.example.com\" appears twice in listeners.public.tls.sni (entries 0 and 1)",
+        );
+        certs.one_problem(
+            &tls(&[entry("*.example.com")]),
+            "7:17: ",
+            "invalid server_name \"*.example.com\" in listeners.public.tls.sni[0]: exact names only",
+        );
+        certs.one_problem(
+            &tls(&[entry("10.0.0.1")]),
+            "7:17: ",
+            "SNI carries DNS names, not IP addresses",
+        );
+    }
+
+    #[test]
+    fn upstream_tls_ca_is_loaded() {
+        let certs = Certs::new();
+        let upstream = |tls: &str| {
+            format!(
+                "[listeners.public]\nbind = \"127.0.0.1:1\"\n[upstreams.u]\nservers = [\"u.internal:443\"]\n\
+                 tls = {tls}\n[routes.r]\nupstream = \"u\"\n"
+            )
+        };
+        let c = certs
+            .load(&upstream(
+                "{ ca = \"certs/a.crt\", server_name = \"U.Internal\" }",
+            ))
+            .unwrap();
+        let tls = c.upstream("u").unwrap().tls.as_ref().unwrap();
+        assert_eq!(tls.ca.len(), 1);
+        assert_eq!(tls.server_name.as_deref(), Some("u.internal"));
+        certs.one_problem(
+            &upstream("{ ca = \"garbage.pem\" }"),
+            "5:14: ",
+            "no certificate found in \"garbage.pem\" for upstreams.u.tls.ca",
+        );
+        certs.one_problem(
+            &upstream("{ server_name = \"not valid!\" }"),
+            "5:23: ",
+            "invalid upstreams.u.tls.server_name \"not valid!\"",
+        );
+        certs.one_problem(
+            &upstream("{ enable = true }"),
+            "5:9: ",
+            "unknown key `enable` in [upstreams.u.tls]; expected one of: enabled, ca, server_name",
+        );
+    }
+}

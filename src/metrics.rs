@@ -1,0 +1,409 @@
+//! Prometheus metrics: wsgate's own registry (served only on the admin listener), the
+//! metric families of design.md, and per-route handles looked up once per route so the
+//! relay only bumps cached counters.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::ws::record::{Direction, Initiator};
+
+/// Handshakes take from well under a millisecond (builtin echo on loopback) to the
+/// upstream_handshake timeout (10 s by default).
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// WebSocket lifetimes run from sub-second probes to day-long sessions.
+const CONNECTION_BUCKETS: &[f64] = &[
+    0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+];
+
+/// Keepalive round trips: sub-millisecond on a LAN to seconds on a congested mobile link.
+const RTT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Opcode label values in the order the relay counts them.
+pub const OPCODES: [&str; 6] = ["continuation", "text", "binary", "close", "ping", "pong"];
+
+/// Every metric family wsgate exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    connections_active: IntGaugeVec,
+    connections_total: IntCounterVec,
+    handshake_duration: HistogramVec,
+    connection_duration: HistogramVec,
+    frames_total: IntCounterVec,
+    bytes_total: IntCounterVec,
+    closes_total: IntCounterVec,
+    pings_sent_total: IntCounterVec,
+    pong_timeouts_total: IntCounterVec,
+    idle_timeouts_total: IntCounterVec,
+    ping_rtt: HistogramVec,
+    http_requests_total: IntCounterVec,
+    upstream_connect_errors_total: IntCounterVec,
+    upstream_healthy: IntGaugeVec,
+    upstream_active_connections: IntGaugeVec,
+    tls_handshake_errors_total: IntCounterVec,
+    config_reloads_total: IntCounterVec,
+    rejected_total: IntCounterVec,
+}
+
+/// The outcome label of `wsgate_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    Upgraded,
+    /// Refused by wsgate itself (bad handshake, origin, limits).
+    Refused,
+    /// The upstream could not be reached or answered badly.
+    UpstreamError,
+    /// The upstream answered with something other than 101.
+    UpstreamStatus,
+}
+
+impl HandshakeResult {
+    fn label(self) -> &'static str {
+        match self {
+            HandshakeResult::Upgraded => "upgraded",
+            HandshakeResult::Refused => "refused",
+            HandshakeResult::UpstreamError => "upstream_error",
+            HandshakeResult::UpstreamStatus => "upstream_status",
+        }
+    }
+}
+
+/// Why wsgate refused a request (`wsgate_rejected_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Origin,
+    RateLimit,
+    PerIp,
+    MaxConnections,
+    BadHandshake,
+    NoRoute,
+}
+
+impl RejectReason {
+    fn label(self) -> &'static str {
+        match self {
+            RejectReason::Origin => "origin",
+            RejectReason::RateLimit => "rate_limit",
+            RejectReason::PerIp => "per_ip",
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::BadHandshake => "bad_handshake",
+            RejectReason::NoRoute => "no_route",
+        }
+    }
+}
+
+/// Label value for a close code: exact for 1000-1015, else its class, `none` when absent.
+pub fn close_code_label(code: Option<u16>) -> std::borrow::Cow<'static, str> {
+    match code {
+        None => "none".into(),
+        Some(c @ 1000..=1015) => c.to_string().into(),
+        Some(3000..=3999) => "3xxx".into(),
+        Some(4000..=4999) => "4xxx".into(),
+        Some(_) => "other".into(),
+    }
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help).namespace("wsgate"), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"))
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help).namespace("wsgate"), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"))
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help)
+            .namespace("wsgate")
+            .buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|e| unreachable!("metric {name} is well-formed: {e}"))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Registry::new(),
+            connections_active: gauge("connections_active", "Live WebSocket connections.", &["route"]),
+            connections_total: counter(
+                "connections_total",
+                "WebSocket handshakes by result: upgraded, refused (by wsgate), upstream_error, upstream_status (non-101 answer).",
+                &["route", "result"],
+            ),
+            handshake_duration: histogram(
+                "handshake_duration_seconds",
+                "Time from the upgrade request to the 101 sent to the client.",
+                &["route"],
+                HANDSHAKE_BUCKETS,
+            ),
+            connection_duration: histogram(
+                "connection_duration_seconds",
+                "Lifetime of upgraded WebSocket connections.",
+                &["route"],
+                CONNECTION_BUCKETS,
+            ),
+            frames_total: counter(
+                "frames_total",
+                "WebSocket frames relayed, by direction and opcode.",
+                &["route", "direction", "opcode"],
+            ),
+            bytes_total: counter(
+                "bytes_total",
+                "WebSocket bytes relayed (frame headers included, after TLS), by direction.",
+                &["route", "direction"],
+            ),
+            closes_total: counter(
+                "closes_total",
+                "Ended WebSocket connections by who closed first and the close code.",
+                &["route", "initiator", "code"],
+            ),
+            pings_sent_total: counter("pings_sent_total", "Keepalive pings sent by wsgate.", &["route"]),
+            pong_timeouts_total: counter(
+                "pong_timeouts_total",
+                "Connections closed because the client did not answer a ping.",
+                &["route"],
+            ),
+            idle_timeouts_total: counter(
+                "idle_timeouts_total",
+                "Connections closed because no data frame passed for the idle timeout.",
+                &["route"],
+            ),
+            ping_rtt: histogram(
+                "ping_rtt_seconds",
+                "Round trip of wsgate's keepalive pings to clients.",
+                &["route"],
+                RTT_BUCKETS,
+            ),
+            http_requests_total: counter(
+                "http_requests_total",
+                "Plain HTTP requests by route and response status.",
+                &["route", "status"],
+            ),
+            upstream_connect_errors_total: counter(
+                "upstream_connect_errors_total",
+                "Failed connects to upstream servers, by kind (refused, timeout, reset, resolve, other).",
+                &["upstream", "server", "kind"],
+            ),
+            upstream_healthy: gauge(
+                "upstream_healthy",
+                "1 when the server is considered healthy, else 0.",
+                &["upstream", "server"],
+            ),
+            upstream_active_connections: gauge(
+                "upstream_active_connections",
+                "Live WebSockets plus in-flight requests per upstream server.",
+                &["upstream", "server"],
+            ),
+            tls_handshake_errors_total: counter(
+                "tls_handshake_errors_total",
+                "Failed or timed-out TLS handshakes on a listener.",
+                &["listener"],
+            ),
+            config_reloads_total: counter(
+                "config_reloads_total",
+                "Configuration reloads by result (success, error).",
+                &["result"],
+            ),
+            rejected_total: counter(
+                "rejected_total",
+                "Requests refused by wsgate itself, by reason.",
+                &["reason"],
+            ),
+        };
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.connections_active.clone()),
+            Box::new(m.connections_total.clone()),
+            Box::new(m.handshake_duration.clone()),
+            Box::new(m.connection_duration.clone()),
+            Box::new(m.frames_total.clone()),
+            Box::new(m.bytes_total.clone()),
+            Box::new(m.closes_total.clone()),
+            Box::new(m.pings_sent_total.clone()),
+            Box::new(m.pong_timeouts_total.clone()),
+            Box::new(m.idle_timeouts_total.clone()),
+            Box::new(m.ping_rtt.clone()),
+            Box::new(m.http_requests_total.clone()),
+            Box::new(m.upstream_connect_errors_total.clone()),
+            Box::new(m.upstream_healthy.clone()),
+            Box::new(m.upstream_active_connections.clone()),
+            Box::new(m.tls_handshake_errors_total.clone()),
+            Box::new(m.config_reloads_total.clone()),
+            Box::new(m.rejected_total.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            // Names are distinct by construction; a failure here would be a programming error.
+            let _ = m.registry.register(c);
+        }
+        for result in ["success", "error"] {
+            m.config_reloads_total.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Handles for one route, looked up once.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let dir = |d: Direction| {
+            let bytes = self.bytes_total.with_label_values(&[route, d.label()]);
+            let frames =
+                OPCODES.map(|op| self.frames_total.with_label_values(&[route, d.label(), op]));
+            (bytes, frames)
+        };
+        let (c2u_bytes, c2u_frames) = dir(Direction::ClientToUpstream);
+        let (u2c_bytes, u2c_frames) = dir(Direction::UpstreamToClient);
+        RouteMetrics {
+            route: route.to_string(),
+            connections_active: self.connections_active.with_label_values(&[route]),
+            handshake_duration: self.handshake_duration.with_label_values(&[route]),
+            connection_duration: self.connection_duration.with_label_values(&[route]),
+            bytes: [c2u_bytes, u2c_bytes],
+            frames: [c2u_frames, u2c_frames],
+            pings_sent: self.pings_sent_total.with_label_values(&[route]),
+            pong_timeouts: self.pong_timeouts_total.with_label_values(&[route]),
+            idle_timeouts: self.idle_timeouts_total.with_label_values(&[route]),
+            ping_rtt: self.ping_rtt.with_label_values(&[route]),
+            connections_total: self.connections_total.clone(),
+            closes_total: self.closes_total.clone(),
+            http_requests_total: self.http_requests_total.clone(),
+        }
+    }
+
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected_total
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    pub fn tls_handshake_error(&self, listener: &str) {
+        self.tls_handshake_errors_total
+            .with_label_values(&[listener])
+            .inc();
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.config_reloads_total.with_label_values(&[result]).inc();
+    }
+
+    pub fn upstream_connect_error(&self, upstream: &str, server: &str, kind: &str) {
+        self.upstream_connect_errors_total
+            .with_label_values(&[upstream, server, kind])
+            .inc();
+    }
+
+    pub fn upstream_server(&self, upstream: &str, server: &str) -> (IntGauge, IntGauge) {
+        let healthy = self.upstream_healthy.with_label_values(&[upstream, server]);
+        let active = self
+            .upstream_active_connections
+            .with_label_values(&[upstream, server]);
+        (healthy, active)
+    }
+}
+
+/// One route's metric handles.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    route: String,
+    pub connections_active: IntGauge,
+    pub handshake_duration: Histogram,
+    pub connection_duration: Histogram,
+    /// Indexed by [`direction_index`].
+    pub bytes: [IntCounter; 2],
+    /// Indexed by [`direction_index`], then opcode position in [`OPCODES`].
+    pub frames: [[IntCounter; 6]; 2],
+    pub pings_sent: IntCounter,
+    pub pong_timeouts: IntCounter,
+    pub idle_timeouts: IntCounter,
+    pub ping_rtt: Histogram,
+    connections_total: IntCounterVec,
+    closes_total: IntCounterVec,
+    http_requests_total: IntCounterVec,
+}
+
+pub fn direction_index(d: Direction) -> usize {
+    match d {
+        Direction::ClientToUpstream => 0,
+        Direction::UpstreamToClient => 1,
+    }
+}
+
+impl RouteMetrics {
+    pub fn handshake(&self, result: HandshakeResult) {
+        self.connections_total
+            .with_label_values(&[&self.route, result.label()])
+            .inc();
+    }
+
+    pub fn closed(&self, initiator: Initiator, code: Option<u16>) {
+        self.closes_total
+            .with_label_values(&[&self.route, initiator.label(), &close_code_label(code)])
+            .inc();
+    }
+
+    pub fn http_request(&self, status: u16) {
+        self.http_requests_total
+            .with_label_values(&[&self.route, &status.to_string()])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_code_labels() {
+        assert_eq!(close_code_label(None), "none");
+        assert_eq!(close_code_label(Some(1000)), "1000");
+        assert_eq!(close_code_label(Some(1014)), "1014");
+        assert_eq!(close_code_label(Some(3001)), "3xxx");
+        assert_eq!(close_code_label(Some(4000)), "4xxx");
+    }
+
+    #[test]
+    fn renders_every_family() {
+        let m = Metrics::new();
+        let r = m.route("chat");
+        r.handshake(HandshakeResult::Upgraded);
+        r.closed(Initiator::Client, Some(1000));
+        m.rejected(RejectReason::Origin);
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "wsgate_connections_active",
+            "wsgate_connections_total",
+            "wsgate_frames_total",
+            "wsgate_bytes_total",
+            "wsgate_closes_total",
+            "wsgate_config_reloads_total",
+            "wsgate_rejected_total",
+            "process_",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
+    }
+}

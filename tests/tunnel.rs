@@ -1,0 +1,870 @@
+//! The frame-aware tunnel, one scenario per row of the tunnel table in design.md: every
+//! test scripts both peers byte by byte (a raw client in front of wsgate, a raw upstream
+//! behind it) and asserts what each of them sees: close code and reason on both sides,
+//! masks on wsgate's frames towards the upstream, frames that must or must not be relayed,
+//! and a clean end of both connections (FIN, never a reset).
+//!
+//! Timeouts are hundreds of milliseconds so the file runs in a few seconds; every wait is
+//! bounded by `wsraw::LIMIT` and nothing sleeps to synchronise. The only time windows are
+//! the ones a scenario is about ("nothing closes while pings are answered").
+
+mod support;
+mod wsraw;
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use tokio::time::Instant;
+
+use support::{spawn_proxy, Proxy, TestDir};
+use wsraw::{
+    client_close, client_frame, connect, encode, encode_header, op, parse_all, random_mask,
+    server_close, server_frame, within, Ended, Frame, WsConn, WsReader, WsUpstream, WsWriter, RSV1,
+};
+
+/// Timeouts every test gets unless it overrides them: connection setup never trips on a
+/// loaded machine, and a close that only one side answers does not hold a test for long.
+const BASE_TIMEOUTS: &[(&str, &str)] = &[
+    ("client_header", "5s"),
+    ("upstream_connect", "2s"),
+    ("upstream_handshake", "5s"),
+    ("shutdown_grace", "5s"),
+];
+
+/// Slack subtracted from a configured timeout before asserting that at least that much
+/// time passed: our clock starts a little after the tunnel's.
+const CLOCK_SLACK: Duration = Duration::from_millis(50);
+
+/// The default route: everything under `/ws` goes to the raw upstream.
+const WS_ROUTE: &str = r#"
+[routes.ws]
+path = "/ws"
+upstream = "raw"
+"#;
+
+/// A config with the admin listener on a free port, one plain listener `public`, one upstream `raw` at `upstream`, the given
+/// `[timeouts]` (laid over [`BASE_TIMEOUTS`]) and `[limits]`, and `routes`.
+fn config(
+    upstream: std::net::SocketAddr,
+    timeouts: &[(&str, &str)],
+    limits: &[(&str, &str)],
+    routes: &str,
+) -> String {
+    let mut merged: Vec<(&str, &str)> = BASE_TIMEOUTS
+        .iter()
+        .filter(|(k, _)| !timeouts.iter().any(|(o, _)| o == k))
+        .copied()
+        .collect();
+    merged.extend_from_slice(timeouts);
+    let table = |pairs: &[(&str, &str)]| -> String {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+            .collect()
+    };
+    format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n\
+         [listeners.public]\nbind = \"127.0.0.1:0\"\n\n\
+         [timeouts]\n{}\n\
+         [limits]\n{}\n\
+         [upstreams.raw]\nservers = [\"{upstream}\"]\n\
+         {routes}",
+        table(&merged),
+        table(limits),
+    )
+}
+
+/// A proxy in front of a raw upstream.
+struct Gate {
+    proxy: Proxy,
+    upstream: WsUpstream,
+    _dir: TestDir,
+}
+
+impl Gate {
+    async fn start(timeouts: &[(&str, &str)], limits: &[(&str, &str)]) -> Gate {
+        Gate::with_routes(timeouts, limits, WS_ROUTE).await
+    }
+
+    async fn with_routes(timeouts: &[(&str, &str)], limits: &[(&str, &str)], routes: &str) -> Gate {
+        let upstream = WsUpstream::spawn().await;
+        let dir = TestDir::new();
+        let proxy = spawn_proxy(&config(upstream.addr, timeouts, limits, routes), &dir).await;
+        Gate {
+            proxy,
+            upstream,
+            _dir: dir,
+        }
+    }
+
+    /// A client connected through the proxy at `path`, and the upstream's end of it.
+    async fn open_at(&mut self, path: &str) -> (WsConn, WsConn) {
+        let client = connect(self.proxy.addr("public"), path).await;
+        let upstream = self.upstream.accept().await;
+        assert_eq!(upstream.path(), path, "the upstream got another connection");
+        (client, upstream)
+    }
+
+    async fn open(&mut self) -> (WsConn, WsConn) {
+        self.open_at("/ws").await
+    }
+}
+
+/// After wsgate closed a tunnel itself (its close frames already read on both sides),
+/// both peers answer with a close; then both connections must end cleanly, with FIN and
+/// without any further frame (the answers are wsgate's to consume, not to relay).
+async fn both_answer_and_end(client: &mut WsConn, upstream: &mut WsConn) {
+    let _ = client.try_send(&client_close(1000, "")).await;
+    let _ = upstream.try_send(&server_close(1000, "")).await;
+    let (c, u) = tokio::join!(
+        client.until_eof("the client connection to end"),
+        upstream.until_eof("the upstream connection to end"),
+    );
+    assert_eq!(c, (vec![], Ended::Eof), "client after the close handshake");
+    assert_eq!(
+        u,
+        (vec![], Ended::Eof),
+        "upstream after the close handshake"
+    );
+}
+
+fn assert_ws_ping(frame: &Frame, masked: bool) {
+    assert_eq!(
+        frame.opcode,
+        op::PING,
+        "expected wsgate's ping, got {frame:?}"
+    );
+    assert!(frame.fin && frame.rsv == 0, "{frame:?}");
+    assert_eq!(
+        frame.mask.is_some(),
+        masked,
+        "mask on wsgate's ping: {frame:?}"
+    );
+    assert!(
+        frame.payload.starts_with(b"wsgate"),
+        "wsgate's ping payload should start with \"wsgate\": {:?}",
+        String::from_utf8_lossy(&frame.payload)
+    );
+}
+
+/// The pong a client sends for `ping` (masked, same payload).
+fn pong_for(ping: &Frame) -> Vec<u8> {
+    client_frame(op::PONG, &ping.payload)
+}
+
+/// Reads the client's next frame that is not one of wsgate's keepalive pings, answering
+/// those on the way; returns it and how many pings were answered.
+async fn next_answering_pings(client: &mut WsConn, what: &str) -> (Frame, usize) {
+    let mut answered = 0;
+    loop {
+        let frame = client.frame(what).await;
+        if frame.opcode == op::PING && frame.payload.starts_with(b"wsgate") {
+            client.send(&pong_for(&frame)).await;
+            answered += 1;
+            continue;
+        }
+        return (frame, answered);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Keepalive towards the client
+
+#[tokio::test]
+async fn silent_client_is_pinged_and_its_pong_is_consumed() {
+    let ping_interval = Duration::from_millis(200);
+    let pong_timeout = Duration::from_millis(300);
+    let mut gate = Gate::start(
+        &[("ping_interval", "200ms"), ("pong_timeout", "300ms")],
+        &[],
+    )
+    .await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let start = Instant::now();
+    let ping = client.frame("wsgate's first keepalive ping").await;
+    assert_ws_ping(&ping, false);
+    assert!(
+        start.elapsed() >= ping_interval - CLOCK_SLACK,
+        "pinged after {:?}, before ping_interval",
+        start.elapsed()
+    );
+    client.send(&pong_for(&ping)).await;
+
+    // Keep answering for well past pong_timeout: nothing but pings may arrive.
+    let window_end = Instant::now() + 3 * (ping_interval + pong_timeout);
+    let mut pings = 1;
+    loop {
+        match tokio::time::timeout_at(window_end, client.reader.try_frame()).await {
+            Err(_) => break,
+            Ok(Ok(Some(frame))) => {
+                assert_ws_ping(&frame, false);
+                assert_ne!(frame.payload, ping.payload, "every ping has a fresh token");
+                client.send(&pong_for(&frame)).await;
+                pings += 1;
+            }
+            Ok(other) => panic!("the tunnel ended while pings were answered: {other:?}"),
+        }
+    }
+    assert!(
+        pings >= 3,
+        "only {pings} pings in {:?}",
+        3 * (ping_interval + pong_timeout)
+    );
+
+    // None of the pongs reached the upstream: the next frame it sees is this text.
+    let text = client_frame(op::TEXT, b"still here");
+    client.send(&text).await;
+    let got = upstream.frame("the client's text").await;
+    assert_eq!(
+        got.raw, text,
+        "the upstream should see the text first, got {got:?}"
+    );
+
+    // And the tunnel still works the other way.
+    let reply = server_frame(op::TEXT, b"good");
+    upstream.send(&reply).await;
+    let (got, _) = next_answering_pings(&mut client, "the upstream's reply").await;
+    assert_eq!(got.raw, reply);
+}
+
+#[tokio::test]
+async fn unanswered_ping_closes_with_ping_timeout() {
+    let pong_timeout = Duration::from_millis(300);
+    let mut gate = Gate::start(
+        &[("ping_interval", "200ms"), ("pong_timeout", "300ms")],
+        &[],
+    )
+    .await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let ping = client.frame("wsgate's keepalive ping").await;
+    assert_ws_ping(&ping, false);
+    let pinged = Instant::now();
+    let close = client
+        .expect_close(1001, "ping timeout", "the client's close")
+        .await;
+    assert!(close.mask.is_none() && close.fin, "{close:?}");
+    assert!(
+        pinged.elapsed() >= pong_timeout - CLOCK_SLACK,
+        "closed {:?} after the ping, before pong_timeout",
+        pinged.elapsed()
+    );
+
+    let close = upstream
+        .expect_close(1001, "client unresponsive", "the upstream's close")
+        .await;
+    assert!(
+        close.mask.is_some(),
+        "frames towards the upstream are masked: {close:?}"
+    );
+    both_answer_and_end(&mut client, &mut upstream).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Idle
+
+#[tokio::test]
+async fn idle_tunnel_is_closed_on_both_sides() {
+    let idle = Duration::from_millis(400);
+    let mut gate = Gate::start(&[("ping_interval", "0s"), ("idle", "400ms")], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    // Data either way keeps it open: a quarter of `idle` between frames, for 1.5 x idle.
+    for round in 0..6u8 {
+        tokio::time::sleep(idle / 4).await; // pacing the traffic, not synchronising
+        if round % 2 == 0 {
+            let f = client_frame(op::BINARY, &[round]);
+            client.send(&f).await;
+            assert_eq!(upstream.frame("client data").await.raw, f);
+        } else {
+            let f = server_frame(op::BINARY, &[round]);
+            upstream.send(&f).await;
+            assert_eq!(client.frame("upstream data").await.raw, f);
+        }
+    }
+
+    let silent = Instant::now();
+    let close = client
+        .expect_close(1001, "idle timeout", "the client's close")
+        .await;
+    assert!(close.mask.is_none());
+    assert!(
+        silent.elapsed() >= idle - CLOCK_SLACK,
+        "idle-closed after {:?}",
+        silent.elapsed()
+    );
+    let close = upstream
+        .expect_close(1001, "idle timeout", "the upstream's close")
+        .await;
+    assert!(close.mask.is_some(), "{close:?}");
+    both_answer_and_end(&mut client, &mut upstream).await;
+}
+
+#[tokio::test]
+async fn answered_pings_do_not_keep_an_idle_tunnel_open() {
+    let idle = Duration::from_millis(500);
+    let mut gate = Gate::start(
+        &[
+            ("ping_interval", "100ms"),
+            ("pong_timeout", "2s"),
+            ("idle", "500ms"),
+        ],
+        &[],
+    )
+    .await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let start = Instant::now();
+    let (close, answered) = next_answering_pings(&mut client, "the idle close").await;
+    assert_eq!(
+        close.close(),
+        (1001, "idle timeout".to_string()),
+        "{close:?}"
+    );
+    assert!(
+        start.elapsed() >= idle - CLOCK_SLACK,
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(answered >= 2, "only {answered} pings before the idle close");
+    // The pongs were consumed: the upstream's first frame is the idle close.
+    let close = upstream
+        .expect_close(1001, "idle timeout", "the upstream's close")
+        .await;
+    assert!(close.mask.is_some());
+    both_answer_and_end(&mut client, &mut upstream).await;
+}
+
+#[tokio::test]
+async fn per_route_idle_override_applies_to_its_route_only() {
+    let routes = r#"
+[routes.a]
+path = "/a"
+upstream = "raw"
+[routes.a.timeouts]
+idle = "300ms"
+
+[routes.b]
+path = "/b"
+upstream = "raw"
+"#;
+    let mut gate =
+        Gate::with_routes(&[("ping_interval", "0s"), ("idle", "30s")], &[], routes).await;
+    // B first, so it has been silent at least as long as A when A idles out.
+    let (mut client_b, mut upstream_b) = gate.open_at("/b").await;
+    let (mut client_a, mut upstream_a) = gate.open_at("/a").await;
+
+    client_a
+        .expect_close(1001, "idle timeout", "route a's idle close to the client")
+        .await;
+    upstream_a
+        .expect_close(1001, "idle timeout", "route a's idle close to the upstream")
+        .await;
+
+    let f = client_frame(op::TEXT, b"b is alive");
+    client_b.send(&f).await;
+    assert_eq!(upstream_b.frame("route b's text").await.raw, f);
+    let f = server_frame(op::TEXT, b"b is alive too");
+    upstream_b.send(&f).await;
+    assert_eq!(client_b.frame("route b's reply").await.raw, f);
+
+    both_answer_and_end(&mut client_a, &mut upstream_a).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Client errors
+
+#[tokio::test]
+async fn frame_over_max_frame_size_is_refused_from_its_header() {
+    let mut gate = Gate::start(&[], &[("max_frame_size", "1KiB")]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    // Exactly the limit passes.
+    let at_limit = client_frame(op::BINARY, &[7u8; 1024]);
+    client.send(&at_limit).await;
+    assert_eq!(upstream.frame("a frame at the limit").await.raw, at_limit);
+
+    // One byte more: the header alone is enough to refuse it.
+    let mask = random_mask();
+    let header = encode_header(true, 0, op::BINARY, 1025, Some(mask));
+    client.send(&header).await;
+    client
+        .expect_close(1009, "frame too big", "the client's close")
+        .await;
+    // The rest of the frame, sent late, must not reach the upstream either.
+    let _ = client.try_send(&[0x5A; 1025]).await;
+    let close = upstream
+        .expect_close(1001, "client error", "the upstream's close")
+        .await;
+    assert!(close.mask.is_some());
+    // until_eof in both_answer_and_end asserts nothing else arrives.
+    both_answer_and_end(&mut client, &mut upstream).await;
+}
+
+#[tokio::test]
+async fn protocol_errors_close_with_1002_and_tell_the_upstream() {
+    let mut gate = Gate::start(&[], &[]).await;
+    let masked = || Some(random_mask());
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        (
+            "unmasked client frame",
+            vec![],
+            encode(true, 0, op::TEXT, b"hi", None),
+        ),
+        (
+            "reserved opcode 0x3",
+            vec![],
+            encode(true, 0, 0x3, b"x", masked()),
+        ),
+        (
+            "fragmented ping",
+            vec![],
+            encode(false, 0, op::PING, b"p", masked()),
+        ),
+        (
+            "ping over 125 bytes",
+            vec![],
+            encode(true, 0, op::PING, &[1u8; 126], masked()),
+        ),
+        (
+            "text inside a fragmented message",
+            encode(false, 0, op::TEXT, b"first", masked()),
+            encode(true, 0, op::TEXT, b"second", masked()),
+        ),
+    ];
+    for (name, before, bad) in cases {
+        let (mut client, mut upstream) = gate.open().await;
+        if !before.is_empty() {
+            client.send(&before).await;
+            let got = upstream.frame(name).await;
+            assert_eq!(got.raw, before, "{name}: the valid prefix is relayed");
+        }
+        client.send(&bad).await;
+        client
+            .expect_close(1002, "protocol error", &format!("{name}: client close"))
+            .await;
+        let close = upstream
+            .expect_close(1001, "client error", &format!("{name}: upstream close"))
+            .await;
+        assert!(close.mask.is_some(), "{name}");
+        both_answer_and_end(&mut client, &mut upstream).await;
+    }
+}
+
+#[tokio::test]
+async fn client_over_max_frame_rate_is_closed_with_1008() {
+    let mut gate = Gate::start(&[], &[("max_frame_rate", "5/s")]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let burst: Vec<u8> = (0..50)
+        .flat_map(|i: u32| client_frame(op::TEXT, i.to_string().as_bytes()))
+        .collect();
+    client.send(&burst).await;
+    client
+        .expect_close(1008, "rate limit", "the client's close")
+        .await;
+
+    let mut relayed = Vec::new();
+    let close = loop {
+        let frame = upstream.frame("the burst, then a close").await;
+        if frame.opcode == op::CLOSE {
+            break frame;
+        }
+        relayed.push(String::from_utf8(frame.payload).unwrap());
+    };
+    assert_eq!(close.close(), (1001, "client error".to_string()));
+    assert!(close.mask.is_some());
+    let n = relayed.len();
+    assert!(
+        (5..50).contains(&n),
+        "the first frames of the burst (a second's worth) pass, then the limit: {relayed:?}"
+    );
+    let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(relayed, expected, "the burst's first frames, in order");
+    both_answer_and_end(&mut client, &mut upstream).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Lost connections and close frames
+
+#[tokio::test]
+async fn upstream_lost_without_close_is_1014_bad_gateway() {
+    let mut gate = Gate::start(&[], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let last = server_frame(op::TEXT, b"last words");
+    upstream.send(&last).await;
+    drop(upstream);
+
+    assert_eq!(client.frame("the upstream's last frame").await.raw, last);
+    let close = client
+        .expect_close(1014, "bad gateway", "the client's close")
+        .await;
+    assert!(close.mask.is_none());
+    let _ = client.try_send(&client_close(1000, "")).await;
+    assert_eq!(
+        client.until_eof("the client connection to end").await,
+        (vec![], Ended::Eof)
+    );
+}
+
+#[tokio::test]
+async fn client_lost_without_close_is_1001_client_gone() {
+    let mut gate = Gate::start(&[], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let last = client_frame(op::TEXT, b"last words");
+    client.send(&last).await;
+    drop(client);
+
+    assert_eq!(upstream.frame("the client's last frame").await.raw, last);
+    let close = upstream
+        .expect_close(1001, "client gone", "the upstream's close")
+        .await;
+    assert!(close.mask.is_some(), "{close:?}");
+    let _ = upstream.try_send(&server_close(1000, "")).await;
+    assert_eq!(
+        upstream.until_eof("the upstream connection to end").await,
+        (vec![], Ended::Eof)
+    );
+}
+
+#[tokio::test]
+async fn close_frames_are_forwarded_unchanged_both_ways() {
+    let mut gate = Gate::start(&[], &[]).await;
+
+    // The client closes first.
+    let (mut client, mut upstream) = gate.open().await;
+    let close = client_close(4000, "bye");
+    client.send(&close).await;
+    assert_eq!(upstream.frame("the client's close").await.raw, close);
+    let reply = server_close(4000, "bye");
+    upstream.send(&reply).await;
+    assert_eq!(client.frame("the upstream's answer").await.raw, reply);
+    let (c, u) = tokio::join!(
+        client.until_eof("the client connection to end"),
+        upstream.until_eof("the upstream connection to end"),
+    );
+    assert_eq!(c, (vec![], Ended::Eof));
+    assert_eq!(u, (vec![], Ended::Eof));
+
+    // The upstream closes first.
+    let (mut client, mut upstream) = gate.open().await;
+    let close = server_close(4001, "upstream says bye");
+    upstream.send(&close).await;
+    assert_eq!(client.frame("the upstream's close").await.raw, close);
+    let reply = client_close(4001, "ok");
+    client.send(&reply).await;
+    assert_eq!(upstream.frame("the client's answer").await.raw, reply);
+    let (c, u) = tokio::join!(
+        client.until_eof("the client connection to end"),
+        upstream.until_eof("the upstream connection to end"),
+    );
+    assert_eq!(c, (vec![], Ended::Eof));
+    assert_eq!(u, (vec![], Ended::Eof));
+}
+
+// ---------------------------------------------------------------------------------------
+// Keepalive towards the upstream
+
+#[tokio::test]
+async fn unresponsive_upstream_is_1014_to_the_client() {
+    let pong_timeout = Duration::from_millis(300);
+    let mut gate = Gate::start(
+        &[
+            ("ping_interval", "0s"),
+            ("upstream_ping_interval", "200ms"),
+            ("pong_timeout", "300ms"),
+        ],
+        &[],
+    )
+    .await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    // The first ping is answered: its pong is consumed, the tunnel stays.
+    let ping = upstream.frame("wsgate's ping to the upstream").await;
+    assert_ws_ping(&ping, true);
+    upstream.send(&server_frame(op::PONG, &ping.payload)).await;
+
+    // The second is not.
+    let ping2 = upstream.frame("wsgate's second ping").await;
+    assert_ws_ping(&ping2, true);
+    assert_ne!(ping2.payload, ping.payload);
+    let pinged = Instant::now();
+
+    // The client's first frame is the close: the upstream's pong never reached it.
+    let close = client
+        .expect_close(1014, "upstream unresponsive", "the client's close")
+        .await;
+    assert!(close.mask.is_none());
+    assert!(
+        pinged.elapsed() >= pong_timeout - CLOCK_SLACK,
+        "closed {:?} after the ping",
+        pinged.elapsed()
+    );
+    let close = upstream
+        .expect_close(1001, "ping timeout", "the upstream's close")
+        .await;
+    assert!(close.mask.is_some());
+    both_answer_and_end(&mut client, &mut upstream).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Transparency
+
+#[tokio::test]
+async fn frames_split_at_every_byte_are_relayed_intact() {
+    let mut gate = Gate::start(&[], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+    let payload = support::pattern(130); // a 16-bit length
+    let big = support::pattern(70_000); // a 64-bit length
+
+    let small = encode(true, 0, op::TEXT, &payload, Some(random_mask()));
+    client.send_bytewise(&small).await;
+    assert_eq!(
+        upstream.bytes(small.len(), "the bytewise frame").await,
+        small
+    );
+    let small = encode(true, 0, op::BINARY, &payload, None);
+    upstream.send_bytewise(&small).await;
+    assert_eq!(client.bytes(small.len(), "the bytewise frame").await, small);
+
+    // A long header split at every byte, then its payload in one go.
+    let mask = random_mask();
+    let frame = encode(true, 0, op::BINARY, &big, Some(mask));
+    let header_len = encode_header(true, 0, op::BINARY, big.len() as u64, Some(mask)).len();
+    client.send_bytewise(&frame[..header_len]).await;
+    client.send(&frame[header_len..]).await;
+    assert_eq!(upstream.bytes(frame.len(), "the long frame").await, frame);
+    let frame = encode(true, 0, op::BINARY, &big, None);
+    upstream.send_bytewise(&frame[..10]).await;
+    upstream.send(&frame[10..]).await;
+    assert_eq!(client.bytes(frame.len(), "the long frame").await, frame);
+}
+
+#[tokio::test]
+async fn pings_between_fragments_are_forwarded_and_answered() {
+    let mut gate = Gate::start(&[], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    // From the client.
+    let first = encode(false, 0, op::TEXT, b"hello, ", Some(random_mask()));
+    let ping = client_frame(op::PING, b"are you there");
+    let last = encode(true, 0, op::CONTINUATION, b"world", Some(random_mask()));
+    client.send(&first).await;
+    client.send(&ping).await;
+    client.send(&last).await;
+    for want in [&first, &ping, &last] {
+        assert_eq!(
+            &upstream.frame("the fragments and the ping").await.raw,
+            want
+        );
+    }
+    let pong = server_frame(op::PONG, b"are you there");
+    upstream.send(&pong).await;
+    assert_eq!(client.frame("the upstream's pong").await.raw, pong);
+
+    // From the upstream.
+    let first = encode(false, 0, op::BINARY, b"\x00\x01", None);
+    let ping = server_frame(op::PING, b"and you?");
+    let last = encode(true, 0, op::CONTINUATION, b"\x02", None);
+    upstream.send(&first).await;
+    upstream.send(&ping).await;
+    upstream.send(&last).await;
+    for want in [&first, &ping, &last] {
+        assert_eq!(&client.frame("the fragments and the ping").await.raw, want);
+    }
+    let pong = client_frame(op::PONG, b"and you?");
+    client.send(&pong).await;
+    assert_eq!(upstream.frame("the client's pong").await.raw, pong);
+}
+
+#[tokio::test]
+async fn rsv1_passes_through_unchanged_both_ways() {
+    let mut gate = Gate::start(&[], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    let frames = [
+        encode(true, RSV1, op::TEXT, b"deflated?", Some(random_mask())),
+        encode(false, RSV1, op::BINARY, b"first", Some(random_mask())),
+        encode(true, 0, op::CONTINUATION, b"last", Some(random_mask())),
+    ];
+    for f in &frames {
+        client.send(f).await;
+        let got = upstream.frame("an RSV1 frame").await;
+        assert_eq!(&got.raw, f);
+    }
+    let frames = [
+        encode(true, RSV1, op::TEXT, b"deflated!", None),
+        encode(false, RSV1, op::BINARY, b"first", None),
+        encode(true, 0, op::CONTINUATION, b"last", None),
+    ];
+    for f in &frames {
+        upstream.send(f).await;
+        let got = client.frame("an RSV1 frame").await;
+        assert_eq!(&got.raw, f);
+    }
+    assert_eq!(parse_all(&frames[0])[0].rsv, RSV1);
+}
+
+/// Cases of [`random_frames_arrive_byte_identical`]; few enough to keep CI fast.
+const TRANSPARENCY_CASES: u64 = 30;
+
+/// Largest payload of one random message.
+const MAX_RANDOM_MESSAGE: usize = 200 * 1024;
+
+/// A random, valid frame stream as one peer would send it: text and binary messages of
+/// 0..=200 KiB, whole or in up to four fragments, with pings and unsolicited pongs before
+/// messages and between fragments. Masked with fresh keys when `masked` (a client).
+fn random_stream(rng: &mut StdRng, masked: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mask = |rng: &mut StdRng| masked.then(|| rng.random::<[u8; 4]>());
+    for _ in 0..rng.random_range(1..=6) {
+        let len = if rng.random_bool(0.3) {
+            rng.random_range(0..=MAX_RANDOM_MESSAGE)
+        } else {
+            rng.random_range(0..=300)
+        };
+        let text = rng.random_bool(0.5);
+        let payload: Vec<u8> = if text {
+            (0..len).map(|_| rng.random_range(b' '..=b'~')).collect()
+        } else {
+            let mut p = vec![0u8; len];
+            rng.fill(&mut p[..]);
+            p
+        };
+        let fragments = rng.random_range(1..=4usize);
+        let mut cuts: Vec<usize> = (1..fragments).map(|_| rng.random_range(0..=len)).collect();
+        cuts.sort_unstable();
+        cuts.insert(0, 0);
+        cuts.push(len);
+        for (i, piece) in cuts.windows(2).enumerate() {
+            if rng.random_bool(0.3) {
+                let opcode = if rng.random_bool(0.8) {
+                    op::PING
+                } else {
+                    op::PONG
+                };
+                let mut control = vec![0u8; rng.random_range(0..=125)];
+                rng.fill(&mut control[..]);
+                let m = mask(rng);
+                out.extend(encode(true, 0, opcode, &control, m));
+            }
+            let opcode = match (i, text) {
+                (0, true) => op::TEXT,
+                (0, false) => op::BINARY,
+                _ => op::CONTINUATION,
+            };
+            let fin = i + 2 == cuts.len();
+            let m = mask(rng);
+            out.extend(encode(fin, 0, opcode, &payload[piece[0]..piece[1]], m));
+        }
+    }
+    out
+}
+
+/// Writes `bytes` in random-sized pieces, so frames straddle the reads at the other end.
+async fn write_in_pieces(writer: &mut WsWriter, bytes: &[u8], seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = rng.random_range(1..=64 * 1024).min(bytes.len() - at);
+        writer.send(&bytes[at..at + n]).await;
+        at += n;
+    }
+}
+
+/// Asserts a received stream equals the sent one; on a mismatch, names the first frame
+/// that differs instead of printing megabytes.
+fn assert_same_stream(what: &str, got: &[u8], sent: &[u8]) {
+    if got == sent {
+        return;
+    }
+    let at = got.iter().zip(sent).position(|(a, b)| a != b).unwrap_or(0);
+    let sent_frames = parse_all(sent);
+    let got_frames = parse_all(got);
+    let first_bad = sent_frames
+        .iter()
+        .zip(&got_frames)
+        .position(|(a, b)| a != b);
+    panic!(
+        "{what}: streams differ from byte {at} ({} bytes sent, {} received); first differing \
+         frame {first_bad:?}: sent {:?}, got {:?}",
+        sent.len(),
+        got.len(),
+        first_bad.map(|i| &sent_frames[i]),
+        first_bad.map(|i| &got_frames[i]),
+    );
+}
+
+/// Sends `up` from the client and `down` from the upstream at the same time and returns
+/// what the other ends read.
+async fn exchange(
+    client: WsConn,
+    upstream: WsConn,
+    up: &[u8],
+    down: &[u8],
+    seed: u64,
+) -> (Vec<u8>, Vec<u8>) {
+    let (mut client_rd, mut client_wr): (WsReader, WsWriter) = client.split();
+    let (mut upstream_rd, mut upstream_wr) = upstream.split();
+    let ((), got_up, (), got_down) = tokio::join!(
+        write_in_pieces(&mut client_wr, up, seed),
+        upstream_rd.bytes(up.len(), "the client's stream"),
+        write_in_pieces(&mut upstream_wr, down, !seed),
+        client_rd.bytes(down.len(), "the upstream's stream"),
+    );
+    (got_up, got_down)
+}
+
+#[tokio::test]
+async fn random_frames_arrive_byte_identical() {
+    // Keepalive pings would add wsgate's own frames to the client's stream.
+    let mut gate = Gate::start(&[("ping_interval", "0s")], &[]).await;
+    let base_seed = 0x5EED_0000_u64;
+    for case in 0..TRANSPARENCY_CASES {
+        let seed = base_seed + case;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let up = random_stream(&mut rng, true);
+        let down = random_stream(&mut rng, false);
+
+        // Straight to the upstream (checks the harness), then through wsgate: both must
+        // deliver exactly the bytes that were written, masks included.
+        let direct_client = connect(gate.upstream.addr, "/ws").await;
+        let direct_upstream = gate.upstream.accept().await;
+        let direct = within(
+            "the direct exchange",
+            exchange(direct_client, direct_upstream, &up, &down, seed),
+        )
+        .await;
+        let (client, upstream) = gate.open().await;
+        let proxied = within(
+            "the exchange through wsgate",
+            exchange(client, upstream, &up, &down, seed),
+        )
+        .await;
+
+        assert_same_stream(
+            &format!("seed {seed:#x}, direct, client -> upstream"),
+            &direct.0,
+            &up,
+        );
+        assert_same_stream(
+            &format!("seed {seed:#x}, direct, upstream -> client"),
+            &direct.1,
+            &down,
+        );
+        assert_same_stream(
+            &format!("seed {seed:#x}, proxied, client -> upstream"),
+            &proxied.0,
+            &up,
+        );
+        assert_same_stream(
+            &format!("seed {seed:#x}, proxied, upstream -> client"),
+            &proxied.1,
+            &down,
+        );
+    }
+}
