@@ -3,6 +3,7 @@
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::limits::Refusal;
 use crate::metrics::RejectReason;
 use crate::proxy::body::ProxyBody;
 
@@ -25,6 +26,8 @@ pub enum ProxyError {
     UnsupportedVersion,
     #[error("origin {0:?} is not allowed for this route")]
     OriginNotAllowed(String),
+    #[error("too many WebSocket connections: {0}")]
+    Limited(crate::limits::Refusal),
     #[error("upstream {upstream:?} refused the connection: {reason}")]
     UpstreamConnect { upstream: String, reason: String },
     #[error("upstream {upstream:?} did not accept the connection within {timeout_ms} ms")]
@@ -50,6 +53,8 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            ProxyError::Limited(Refusal::MaxConnections) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -59,7 +64,8 @@ impl ProxyError {
             ProxyError::NoRoute { .. }
             | ProxyError::BadHandshake(_)
             | ProxyError::UnsupportedVersion
-            | ProxyError::OriginNotAllowed(_) => Blame::Client,
+            | ProxyError::OriginNotAllowed(_)
+            | ProxyError::Limited(_) => Blame::Client,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamConnectTimeout { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -76,6 +82,9 @@ impl ProxyError {
                 Some(RejectReason::BadHandshake)
             }
             ProxyError::OriginNotAllowed(_) => Some(RejectReason::Origin),
+            ProxyError::Limited(Refusal::MaxConnections) => Some(RejectReason::MaxConnections),
+            ProxyError::Limited(Refusal::PerIp) => Some(RejectReason::PerIp),
+            ProxyError::Limited(Refusal::RateLimit) => Some(RejectReason::RateLimit),
             _ => None,
         }
     }
@@ -90,6 +99,10 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if matches!(self, ProxyError::Limited(_)) {
+            // Clients with backoff use it; one second matches the rate bucket's refill.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if status == StatusCode::UPGRADE_REQUIRED {
             headers.insert(
                 header::SEC_WEBSOCKET_VERSION,

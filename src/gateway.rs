@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
+use crate::limits::Admission;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Router;
 use crate::upstream::Upstream;
@@ -79,6 +80,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every live WebSocket connection.
     pub connections: Connections,
+    /// Admission counters for `[limits]`; they outlive reloads.
+    pub admission: Arc<Admission>,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl Shared {
             tunnels: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: Connections::default(),
+            admission: Arc::new(Admission::default()),
         }
     }
 

@@ -13,6 +13,7 @@
 //! - [`reload`]: re-reading the configuration (SIGHUP, `POST /reload`) and swapping it in.
 //! - [`shutdown`]: the drain: stop accepting, close WebSockets spread over a window, wait.
 //! - [`admin`]: the admin listener: metrics, health, live connections, reload.
+//! - [`limits`]: admission limits for upgrades: process-wide, per address, handshake rate.
 //! - [`metrics`]: the Prometheus registry and per-route metric handles.
 //! - [`error`]: the request path's error type: status, reason and whose fault.
 //! - [`logging`]: tracing setup (text or JSON on stderr).
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -37,7 +37,7 @@ impl<T> Router<T> {
             }
         }
         for group in &mut groups {
-            group.routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            group.routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         }
         groups.sort_by_key(|g| specificity(&g.host));
         Router { groups }

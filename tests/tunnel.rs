@@ -43,7 +43,8 @@ path = "/ws"
 upstream = "raw"
 "#;
 
-/// A config with the admin listener on a free port, one plain listener `public`, one upstream `raw` at `upstream`, the given
+/// A config with the admin listener on a free port (never the default 9090: tests run in
+/// parallel), one plain listener `public`, one upstream `raw` at `upstream`, the given
 /// `[timeouts]` (laid over [`BASE_TIMEOUTS`]) and `[limits]`, and `routes`.
 fn config(
     upstream: std::net::SocketAddr,

@@ -17,6 +17,7 @@ use tracing::debug;
 
 use crate::error::ProxyError;
 use crate::gateway::{ConnContext, Route, Shared};
+use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
 use crate::proxy::http::{connect_failure, upstream_uri};
@@ -87,6 +88,15 @@ pub fn validate<B>(req: &Request<B>, route: &Route) -> Result<HeaderValue, Proxy
     Ok(key.clone())
 }
 
+/// Applies `[limits]` to an upgrade; the permit counts the connection until dropped.
+pub fn admit(shared: &Shared, conn: &ConnContext) -> Result<Permit, ProxyError> {
+    let gateway = shared.gateway.load();
+    shared
+        .admission
+        .admit(conn.client.ip(), &gateway.limits)
+        .map_err(ProxyError::Limited)
+}
+
 /// Handles an upgrade on a route with an upstream: forward, verify, splice.
 pub async fn forward(
     mut req: Request<Incoming>,
@@ -97,6 +107,7 @@ pub async fn forward(
     host: Option<&str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let key = validate(&req, &route)?;
+    let permit = admit(&shared, &conn)?;
     let upstream_req = upstream_request(&req, &route, &conn, host)?;
     let timeouts = route.config.timeouts;
 
@@ -182,7 +193,7 @@ pub async fn forward(
     debug!(id = record.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
-        let _active = active;
+        let (_active, _permit) = (active, permit);
         let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
@@ -260,7 +271,7 @@ mod tests {
         // RFC 6455 §1.3.
         assert_eq!(
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaGdhRpoczoaKcfvDM="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 }

@@ -48,8 +48,16 @@ pub async fn handle(
     let upgrade = handshake::is_upgrade(&req);
     let started = Instant::now();
     let result = match (&route.config.target, &route.upstream) {
-        (RouteTarget::Builtin(Builtin::Echo), _) if upgrade => handshake::validate(&req, &route)
-            .map(|key| crate::ws::echo::accept(req, &route, &conn, &shared, &key)),
+        (RouteTarget::Builtin(Builtin::Echo), _) if upgrade => {
+            match handshake::validate(&req, &route)
+                .and_then(|key| Ok((key, handshake::admit(&shared, &conn)?)))
+            {
+                Ok((key, permit)) => Ok(crate::ws::echo::accept(
+                    req, &route, &conn, &shared, &key, permit,
+                )),
+                Err(e) => Err(e),
+            }
+        }
         (RouteTarget::Builtin(_), _) => Ok(builtin_plain_answer()),
         (RouteTarget::Upstream(_), Some(upstream)) => {
             let upstream = upstream.clone();

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::gateway::{ConnContext, Route, Shared};
+use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::handshake;
 use crate::ws::codec::{self, Decoder, OpCode, Role, MAX_CONTROL_FRAME, NO_PAYLOAD_LIMIT};
@@ -29,6 +30,7 @@ pub fn accept<B>(
     conn: &ConnContext,
     shared: &Arc<Shared>,
     key: &HeaderValue,
+    permit: Permit,
 ) -> Response<ProxyBody>
 where
     B: Send + 'static,
@@ -38,6 +40,7 @@ where
     let settings = TunnelSettings::new(route.config.timeouts, &shared.gateway.load().limits);
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
+        let _permit = permit;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {

@@ -90,14 +90,23 @@ impl Default for TestDir {
 /// A running proxy. Shut down when dropped; [`Proxy::shutdown`] also waits for it to stop.
 pub struct Proxy {
     addrs: Vec<(String, SocketAddr)>,
+    admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// Writes `toml` to `proxy.toml` in `dir` (so relative certificate paths resolve against
-/// `dir`), loads it, binds every listener and runs the proxy in the background.
+/// `dir`), loads it, binds every listener and runs the proxy in the background. Without an
+/// `[admin]` table the admin listener takes an ephemeral port, so proxies run in parallel.
 pub async fn spawn_proxy(toml: &str, dir: &TestDir) -> Proxy {
     init_logging();
+    let with_admin;
+    let toml = if toml.contains("[admin]") {
+        toml
+    } else {
+        with_admin = format!("[admin]\nbind = \"127.0.0.1:0\"\n\n{toml}");
+        with_admin.as_str()
+    };
     let path = dir.write("proxy.toml", toml);
     let config = wsgate::config::Config::from_toml(toml, &path).unwrap_or_else(|e| {
         panic!("the test config was rejected:\n{e}\n--- proxy.toml ---\n{toml}")
@@ -115,18 +124,27 @@ pub async fn spawn_proxy(toml: &str, dir: &TestDir) -> Proxy {
             (name, addr)
         })
         .collect();
+    let admin = server
+        .admin_addr()
+        .unwrap_or_else(|| panic!("the admin listener has no address"));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
         let _ = stopped.await;
     }));
     Proxy {
         addrs,
+        admin,
         stop: Some(stop),
         task: Some(task),
     }
 }
 
 impl Proxy {
+    /// The admin listener's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
     /// The bound address of listener `name` (`[listeners.NAME]`).
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.addrs
