@@ -113,8 +113,8 @@ pub async fn forward(
 
     let mut last_connect_error = None;
     let mut attempt = None;
-    for server in upstream.attempt_order(conn.client.ip()) {
-        match server.connect(timeouts.upstream_connect).await {
+    for server in upstream.attempt_order(conn.client.ip(), req.headers()) {
+        match upstream.connect(server, timeouts.upstream_connect).await {
             Ok(stream) => {
                 attempt = Some((server.clone(), stream));
                 break;

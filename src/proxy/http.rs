@@ -28,7 +28,7 @@ pub async fn forward(
     let timeouts = &route.config.timeouts;
     let mut last_connect_error = None;
 
-    for server in upstream.attempt_order(conn.client.ip()) {
+    for server in upstream.attempt_order(conn.client.ip(), req.headers()) {
         // Reuse idle connections first; one the server closed meanwhile hands the request
         // back unsent, so it can go on the next one.
         while let Some(mut sender) = server.take_idle() {
@@ -41,7 +41,7 @@ pub async fn forward(
                 Err(SendError::Failed(e)) => return Err(e),
             }
         }
-        let mut sender = match connect_http(server, timeouts.upstream_connect).await {
+        let mut sender = match connect_http(upstream, server, timeouts.upstream_connect).await {
             Ok(sender) => sender,
             Err(e) => {
                 debug!(upstream = %upstream.name, error = %e, "upstream connect failed, trying the next server");
@@ -169,10 +169,11 @@ fn into_response(
 
 /// Opens a new HTTP/1.1 connection to `server` and spawns its connection task.
 async fn connect_http(
+    upstream: &Upstream,
     server: &Server,
     timeout: std::time::Duration,
 ) -> Result<HttpSender, ConnectError> {
-    let stream = server.connect(timeout).await?;
+    let stream = upstream.connect(server, timeout).await?;
     let (sender, connection) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -3,6 +3,7 @@
 //! connections kept for reuse.
 
 mod pool;
+mod stream;
 
 use std::io;
 use std::net::IpAddr;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderMap;
 use tokio::net::TcpStream;
 
 use prometheus::IntGauge;
@@ -18,6 +20,7 @@ use crate::config::{Balance, ServerAddr, UpstreamConfig};
 use crate::metrics::Metrics;
 
 pub use pool::{HttpSender, PooledSender};
+pub use stream::{UpstreamStream, UpstreamTlsContext};
 
 /// One named pool of servers, built from `[upstreams.NAME]`.
 #[derive(Debug)]
@@ -27,6 +30,8 @@ pub struct Upstream {
     pub balance: Balance,
     /// Round-robin cursor.
     next: AtomicUsize,
+    /// Set when the servers speak TLS.
+    tls: Option<UpstreamTlsContext>,
 }
 
 /// One server of a pool.
@@ -82,19 +87,91 @@ impl Upstream {
             name,
             balance: config.balance.clone(),
             next: AtomicUsize::new(0),
+            tls: config.tls.as_ref().map(UpstreamTlsContext::new),
         }
     }
 
-    /// The servers in the order to try them: the balancer's pick first, then the others
-    /// in pool order, so a failed connect falls over to the next server.
-    pub fn attempt_order(&self, _client: IpAddr) -> impl Iterator<Item = &Arc<Server>> {
+    /// The servers in the order to try them: the balancer's pick first, then the others,
+    /// so a failed connect falls over to the next server.
+    pub fn attempt_order(&self, client: IpAddr, headers: &HeaderMap) -> Vec<&Arc<Server>> {
         let n = self.servers.len();
-        let first = match n {
+        let mut order: Vec<&Arc<Server>> = Vec::with_capacity(n);
+        let hash_key = match &self.balance {
+            Balance::IpHash => Some(HashKey::Ip(client.to_canonical())),
+            Balance::Header(name) => headers
+                .get(name.as_str())
+                .map(|v| HashKey::Bytes(v.as_bytes())),
+            _ => None,
+        };
+        if let Some(key) = hash_key {
+            // Rendezvous hashing: each server scores the key; the highest wins. Adding or
+            // removing a server only moves the keys that server wins or won.
+            order.extend(self.servers.iter());
+            order.sort_by_cached_key(|s| std::cmp::Reverse(rendezvous(&key, &s.label)));
+            return order;
+        }
+        let start = match n {
             0 | 1 => 0,
             _ => self.next.fetch_add(1, Ordering::Relaxed) % n,
         };
-        (0..n).map(move |i| &self.servers[(first + i) % n])
+        order.extend((0..n).map(|i| &self.servers[(start + i) % n]));
+        if self.balance == Balance::LeastConn {
+            // Stable sort: ties keep the round-robin rotation, so equal servers share load.
+            order.sort_by_key(|s| s.active());
+        }
+        order
     }
+
+    /// Opens a connection to `server`: TCP with `TCP_NODELAY`, then TLS if configured, all
+    /// within `timeout`.
+    pub async fn connect(
+        &self,
+        server: &Server,
+        timeout: Duration,
+    ) -> Result<UpstreamStream, ConnectError> {
+        let Some(tls) = &self.tls else {
+            return server.connect(timeout).await.map(UpstreamStream::Plain);
+        };
+        let started = tokio::time::Instant::now();
+        let tcp = server.connect(timeout).await?;
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, tls.connect(&server.addr.host, tcp)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(source)) => {
+                server.connect_error("tls");
+                Err(ConnectError::Io {
+                    server: server.label.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                server.connect_error("timeout");
+                Err(ConnectError::Timeout {
+                    server: server.label.clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+}
+
+/// What consistent hashing hashes.
+enum HashKey<'a> {
+    Ip(IpAddr),
+    Bytes(&'a [u8]),
+}
+
+/// The rendezvous score of `key` on `server`.
+fn rendezvous(key: &HashKey<'_>, server: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher with fixed keys: stable across requests and processes of one build.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match key {
+        HashKey::Ip(ip) => ip.hash(&mut h),
+        HashKey::Bytes(b) => b.hash(&mut h),
+    }
+    server.hash(&mut h);
+    h.finish()
 }
 
 impl Server {

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use crate::gateway::{ConnContext, Connections, Route, Shared};
-use crate::upstream::{Server, Upstream};
+use crate::upstream::{Server, Upstream, UpstreamStream};
 use record::{ConnRecord, Identity};
 use tunnel::{Outcome, Tunnel, TunnelSettings};
 
@@ -78,7 +78,7 @@ pub async fn relay(
     record: Arc<ConnRecord>,
     connections: &Connections,
 ) {
-    let (upstream, upstream_early) = match upstream.downcast::<TokioIo<TcpStream>>() {
+    let (upstream, upstream_early) = match upstream.downcast::<TokioIo<UpstreamStream>>() {
         Ok(parts) => (Ok(parts.io.into_inner()), parts.read_buf),
         Err(upgraded) => (Err(TokioIo::new(upgraded)), Bytes::new()),
     };

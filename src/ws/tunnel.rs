@@ -34,11 +34,8 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Room for the control frames wsgate may queue on one output: a keepalive ping and a close.
 const INJECT_CAPACITY: usize = 2 * MAX_CONTROL_FRAME;
 
-/// Frames counted per opcode, indexed by [`opcode_index`].
+/// Frames counted per opcode, indexed by [`opcode_index`] (the order of [`metrics::OPCODES`]).
 pub type OpcodeCounts = [u64; 6];
-
-/// Labels matching [`OpcodeCounts`] positions.
-pub const OPCODE_LABELS: [&str; 6] = ["continuation", "text", "binary", "close", "ping", "pong"];
 
 fn opcode_index(op: OpCode) -> usize {
     match op {
@@ -697,7 +694,7 @@ where
 
         if let Some(v) = self.c2u.violation.take() {
             let (code, reason) = match v {
-                Violation::Frame(e) => (e.close_code(), client_reason(e)),
+                Violation::Frame(e) => (e.close_code(), e.close_reason()),
                 Violation::RateLimit => (1008, "rate limit"),
             };
             self.proxy_close(
@@ -1066,14 +1063,5 @@ where
                 Phase::Done => return Poll::Ready(this.outcome()),
             }
         }
-    }
-}
-
-/// The reason sent to a client for each kind of broken frame.
-fn client_reason(e: FrameError) -> &'static str {
-    match e.close_code() {
-        1009 => "frame too big",
-        1007 => "invalid close reason",
-        _ => "protocol error",
     }
 }
