@@ -12,9 +12,11 @@ from websockets.exceptions import ConnectionClosed
 
 
 async def echo(ws):
+    # Streams each message back fragment by fragment as it arrives (recv_streaming), so a
+    # message of 65536 fragments (cases 9.3.1, 9.4.1) is not refused as "too many fragments".
     try:
-        async for message in ws:
-            await ws.send(message)
+        while True:
+            await ws.send(ws.recv_streaming())
     except ConnectionClosed:
         pass
 

@@ -946,8 +946,11 @@ where
             if progressed {
                 continue;
             }
+            // Traffic only pushes deadlines later, so the timer is re-armed lazily: moved
+            // earlier at once, moved later only after it fires. Busy tunnels then touch the
+            // timer wheel about once per interval instead of once per read.
             let next = self.next_deadline();
-            if next != self.timer_at {
+            if next < self.timer_at || self.timer.is_elapsed() {
                 self.timer_at = next;
                 self.timer.as_mut().reset(next);
             }
