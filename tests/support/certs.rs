@@ -18,6 +18,7 @@ use super::TestDir;
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     der: CertificateDer<'static>,
+    pem: String,
 }
 
 /// A leaf certificate and its key, as the proxy will load them.
@@ -44,6 +45,7 @@ impl TestCa {
         let cert = params.self_signed(&key).expect("CA certificate");
         TestCa {
             der: cert.der().clone(),
+            pem: cert.pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -65,6 +67,11 @@ impl TestCa {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         }
+    }
+
+    /// The CA certificate in PEM, for a trust store file (`[upstreams.X] tls.ca`).
+    pub fn ca_pem(&self) -> String {
+        self.pem.clone()
     }
 
     /// A client trusting this CA, TLS 1.2 and 1.3, no ALPN.

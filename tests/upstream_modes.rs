@@ -1,0 +1,237 @@
+//! Upstream options beyond plain round robin: TLS to the upstream (wss and https behind the
+//! proxy), least_conn, and consistent hashing by client address or by a header.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::Message;
+
+use support::certs::{TestCa, TestCert};
+use support::clients::HttpClient;
+use support::upstreams::{spawn_http_upstream, spawn_ws_upstream};
+use support::{spawn_proxy, within, AbortOnDrop, TestDir};
+
+/// A WebSocket echo server behind TLS, presenting `cert`.
+async fn spawn_tls_ws_upstream(cert: &TestCert) -> (std::net::SocketAddr, AbortOnDrop) {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("test cert parses");
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("test key parses");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() || message.is_binary() {
+                        if ws.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, AbortOnDrop(task))
+}
+
+#[tokio::test]
+async fn websocket_reaches_a_tls_upstream_verified_by_its_ca() {
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    let cert = ca.issue(&["app.internal"]);
+    dir.write("upstream-ca.pem", ca_pem(&ca));
+    let (upstream, _task) = spawn_tls_ws_upstream(&cert).await;
+    let proxy = spawn_proxy(
+        &format!(
+            r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.app]
+servers = ["{upstream}"]
+tls = {{ ca = "upstream-ca.pem", server_name = "app.internal" }}
+[routes.app]
+path = "/"
+upstream = "app"
+"#
+        ),
+        &dir,
+    )
+    .await;
+    let url = format!("ws://{}/ws", proxy.addr("public"));
+    let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(url))
+        .await
+        .expect("upgrade through the proxy to the TLS upstream");
+    ws.send(Message::text("over tls")).await.expect("send");
+    let echoed = within("echo", ws.next())
+        .await
+        .expect("a frame")
+        .expect("ok");
+    assert_eq!(echoed, Message::text("over tls"));
+}
+
+#[tokio::test]
+async fn tls_upstream_with_an_untrusted_certificate_is_502() {
+    let dir = TestDir::new();
+    let trusted = TestCa::new();
+    let other = TestCa::new();
+    dir.write("upstream-ca.pem", ca_pem(&trusted));
+    let (upstream, _task) = spawn_tls_ws_upstream(&other.issue(&["app.internal"])).await;
+    let proxy = spawn_proxy(
+        &format!(
+            r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.app]
+servers = ["{upstream}"]
+tls = {{ ca = "upstream-ca.pem", server_name = "app.internal" }}
+[routes.app]
+path = "/"
+upstream = "app"
+"#
+        ),
+        &dir,
+    )
+    .await;
+    let url = format!("ws://{}/ws", proxy.addr("public"));
+    let err = within("connect", tokio_tungstenite::connect_async(url))
+        .await
+        .expect_err("an untrusted upstream must not be used");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            assert_eq!(response.status(), 502);
+        }
+        other => panic!("expected an HTTP 502, got {other:?}"),
+    }
+}
+
+fn ca_pem(ca: &TestCa) -> String {
+    ca.ca_pem()
+}
+
+#[tokio::test]
+async fn least_conn_sends_new_connections_to_the_idler_server() {
+    let dir = TestDir::new();
+    let a = spawn_ws_upstream().await;
+    let b = spawn_ws_upstream().await;
+    let proxy = spawn_proxy(
+        &format!(
+            r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.app]
+servers = ["{}", "{}"]
+balance = "least_conn"
+[routes.app]
+path = "/"
+upstream = "app"
+"#,
+            a.addr, b.addr
+        ),
+        &dir,
+    )
+    .await;
+    let url = format!("ws://{}/ws", proxy.addr("public"));
+    // Hold four connections open: least_conn spreads them two and two.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (ws, _) = within("connect", tokio_tungstenite::connect_async(url.clone()))
+            .await
+            .expect("upgrade");
+        held.push(ws);
+    }
+    assert_eq!((a.connections(), b.connections()), (2, 2));
+}
+
+#[tokio::test]
+async fn ip_hash_and_header_hash_keep_a_client_on_one_server() {
+    let dir = TestDir::new();
+    let servers = [
+        spawn_http_upstream().await,
+        spawn_http_upstream().await,
+        spawn_http_upstream().await,
+    ];
+    let list = servers
+        .iter()
+        .map(|s| format!("\"{}\"", s.addr))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let proxy = spawn_proxy(
+        &format!(
+            r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.by_ip]
+servers = [{list}]
+balance = "ip_hash"
+[upstreams.by_user]
+servers = [{list}]
+balance = "header:X-User"
+[routes.by_ip]
+path = "/ip"
+upstream = "by_ip"
+[routes.by_user]
+path = "/user"
+upstream = "by_user"
+"#
+        ),
+        &dir,
+    )
+    .await;
+    let mut client = HttpClient::connect(proxy.addr("public")).await;
+
+    let mut seen = HashMap::new();
+    for _ in 0..6 {
+        let response = client.get("a.test", "/ip", &[]).await;
+        let server = response.headers()["x-server"].to_str().unwrap().to_owned();
+        *seen.entry(server).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 1, "one client address, one server: {seen:?}");
+
+    let mut per_user: HashMap<String, String> = HashMap::new();
+    let mut servers_used = std::collections::HashSet::new();
+    for round in 0..3 {
+        for user in 0..12 {
+            let name = format!("user-{user}");
+            let response = client
+                .get("a.test", "/user", &[("x-user", name.as_str())])
+                .await;
+            let server = response.headers()["x-server"].to_str().unwrap().to_owned();
+            servers_used.insert(server.clone());
+            match per_user.get(&name) {
+                Some(first) => assert_eq!(first, &server, "{name} moved in round {round}"),
+                None => {
+                    per_user.insert(name, server);
+                }
+            }
+        }
+    }
+    assert!(
+        servers_used.len() > 1,
+        "twelve users should not all hash to one of three servers"
+    );
+}
