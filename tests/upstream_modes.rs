@@ -47,10 +47,9 @@ async fn spawn_tls_ws_upstream(cert: &TestCert) -> (std::net::SocketAddr, AbortO
                     return;
                 };
                 while let Some(Ok(message)) = ws.next().await {
-                    if message.is_text() || message.is_binary() {
-                        if ws.send(message).await.is_err() {
-                            return;
-                        }
+                    if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err()
+                    {
+                        return;
                     }
                 }
             });
