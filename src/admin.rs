@@ -52,7 +52,12 @@ pub async fn serve(
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 let reload = reload.clone();
-                async move { Ok::<_, Infallible>(route(req, &shared, reload.as_ref())) }
+                async move {
+                    if req.uri().path() == "/reload" && req.method() == Method::POST {
+                        return Ok::<_, Infallible>(reload_now(reload).await);
+                    }
+                    Ok::<_, Infallible>(route(req, &shared))
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,11 +78,29 @@ pub async fn serve(
     }
 }
 
-fn route(
-    req: Request<Incoming>,
-    shared: &Shared,
-    reload: Option<&Arc<Reloader>>,
-) -> Response<Full<Bytes>> {
+/// `POST /reload`: file reads and certificate parsing run off the async workers.
+async fn reload_now(reload: Option<Arc<Reloader>>) -> Response<Full<Bytes>> {
+    let Some(reload) = reload else {
+        return text(StatusCode::NOT_IMPLEMENTED, "reload is not available\n");
+    };
+    match tokio::task::spawn_blocking(move || reload.reload()).await {
+        Ok(Ok(notes)) => {
+            let mut body = String::from("reloaded\n");
+            for note in notes {
+                body.push_str(&note);
+                body.push('\n');
+            }
+            text(StatusCode::OK, &body)
+        }
+        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reload failed: {e}\n"),
+        ),
+    }
+}
+
+fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
     match path {
@@ -102,19 +125,9 @@ fn route(
             let list: Vec<ConnectionView> = records.iter().map(|r| ConnectionView::of(r)).collect();
             json(StatusCode::OK, &list)
         }),
-        "/reload" => only(method, &Method::POST, || match reload {
-            None => text(StatusCode::NOT_IMPLEMENTED, "reload is not available\n"),
-            Some(reload) => match reload.reload() {
-                Ok(notes) => {
-                    let mut body = String::from("reloaded\n");
-                    for note in notes {
-                        body.push_str(&note);
-                        body.push('\n');
-                    }
-                    text(StatusCode::OK, &body)
-                }
-                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
-            },
+        // POST is answered before routing; any other method lands here.
+        "/reload" => only(method, &Method::POST, || {
+            text(StatusCode::INTERNAL_SERVER_ERROR, "unreachable\n")
         }),
         _ => match path.strip_prefix("/connections/") {
             Some(id) => only(method, &Method::DELETE, || close_connection(shared, id)),
