@@ -164,14 +164,13 @@ pub async fn relay_to<U>(
             .await
         }
     };
-    metrics.connections_active.dec();
     metrics
         .connection_duration
         .observe(record.started.elapsed().as_secs_f64());
     metrics.closed(outcome.initiator, outcome.code);
-    metrics.pings_sent.inc_by(outcome.pings_sent);
     metrics.pong_timeouts.inc_by(outcome.pong_timeouts);
     metrics.idle_timeouts.inc_by(outcome.idle_timeouts);
+    metrics.connections_active.dec();
     access_log(&record, &outcome);
 }
 

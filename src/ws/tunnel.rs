@@ -31,6 +31,9 @@ use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
 /// the peer has not read yet (nginx's lingering close).
 const LINGER: Duration = Duration::from_secs(2);
 
+/// The code reported for a close frame that carried none (RFC 6455 §7.1.5).
+const NO_STATUS_RECEIVED: u16 = 1005;
+
 /// Room for the control frames wsgate may queue on one output: a keepalive ping and a close.
 const INJECT_CAPACITY: usize = 2 * MAX_CONTROL_FRAME;
 
@@ -168,8 +171,8 @@ struct Half {
     dst_closed: bool,
     /// `src` has nothing more to say: it sent a close frame, EOF, an error, or broke the protocol.
     src_done: bool,
-    /// `src` sent a close frame: its code (None for an empty close).
-    src_close: Option<Option<u16>>,
+    /// `src` sent a close frame: its code (1005 for a close frame without one).
+    src_close: Option<u16>,
     /// `src` ended without a close frame (EOF or error).
     src_dropped: bool,
     /// `src` reached EOF or failed.
@@ -425,21 +428,23 @@ impl Half {
                     codec::apply_mask(&mut payload[..len], key, 0);
                 }
                 let payload = &payload[..len];
-                self.frames[opcode_index(header.opcode)] += 1;
                 events.heard = true;
-                match header.opcode {
-                    OpCode::Pong => {
-                        if let Some(rtt) = keepalive.is_our_pong(payload, now) {
-                            // wsgate's own: cut it out of the stream.
-                            events.pong_rtt = Some(rtt);
-                            buf.copy_within(self.scan + total..self.filled, self.scan);
-                            self.filled -= total;
-                            continue;
-                        }
+                if header.opcode == OpCode::Pong {
+                    if let Some(rtt) = keepalive.is_our_pong(payload, now) {
+                        // wsgate's own: cut out of the stream, neither relayed nor counted.
+                        events.pong_rtt = Some(rtt);
+                        buf.copy_within(self.scan + total..self.filled, self.scan);
+                        self.filled -= total;
+                        continue;
                     }
+                }
+                self.frames[opcode_index(header.opcode)] += 1;
+                match header.opcode {
                     OpCode::Close => match codec::parse_close_payload(payload) {
                         Ok(code) => {
-                            self.src_close = Some(code.map(|(c, _)| c));
+                            // A close frame without a code is reported as 1005 (RFC 6455
+                            // §7.1.5), telling it apart from a dropped socket.
+                            self.src_close = Some(code.map_or(NO_STATUS_RECEIVED, |(c, _)| c));
                             self.src_done = true;
                             if !self.discarding {
                                 self.dst_closed = true;
@@ -681,13 +686,13 @@ where
         // Close frames from the peers: forwarded as they are; the other side answers.
         if let Some(code) = self.c2u.src_close {
             if self.first_close.is_none() {
-                self.first_close = Some((Initiator::Client, code, ""));
+                self.first_close = Some((Initiator::Client, Some(code), ""));
             }
             self.start_deadline(now);
         }
         if let Some(code) = self.u2c.src_close {
             if self.first_close.is_none() {
-                self.first_close = Some((Initiator::Upstream, code, ""));
+                self.first_close = Some((Initiator::Upstream, Some(code), ""));
             }
             self.start_deadline(now);
         }
@@ -786,7 +791,10 @@ where
             return;
         }
         match self.client_ka.poll(now) {
-            KeepaliveAction::Ping(token) => self.u2c.inject.push(OpCode::Ping, &token, None),
+            KeepaliveAction::Ping(token) => {
+                self.record.metrics.pings_sent.inc();
+                self.u2c.inject.push(OpCode::Ping, &token, None)
+            }
             KeepaliveAction::Dead => {
                 self.pong_timeouts += 1;
                 self.proxy_close(
@@ -806,6 +814,7 @@ where
         }
         match self.upstream_ka.poll(now) {
             KeepaliveAction::Ping(token) => {
+                self.record.metrics.pings_sent.inc();
                 self.c2u
                     .inject
                     .push(OpCode::Ping, &token, Some(codec::random_mask()))
