@@ -83,12 +83,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload"),
     }
+    // Both signal streams exist before serving starts, so a second signal is never missed.
+    let mut stop = StopSignals::new()?;
     server
-        .run(async {
-            shutdown_signal().await;
+        .run(async move {
+            stop.recv().await;
             tracing::info!("draining; a second signal stops at once");
-            tokio::spawn(async {
-                shutdown_signal().await;
+            tokio::spawn(async move {
+                stop.recv().await;
                 tracing::warn!("second signal: stopping now");
                 std::process::exit(1);
             });
@@ -96,19 +98,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops wsgate");
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, either of which starts the drain.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Public listeners: the accept loop (TCP_NODELAY, backoff when file descriptors run out),
 //! optional TLS, and the HTTP/1.1 server that hands each request to the proxy service.
 
+pub mod head_guard;
 pub mod tls;
 
 use std::io;
@@ -22,6 +23,7 @@ use tracing::{debug, error};
 
 use crate::gateway::{ConnContext, Shared};
 use crate::proxy;
+use head_guard::HeadGuard;
 
 /// Largest request head (request line plus headers) a client may send; larger gets 431.
 /// nginx's default large_client_header_buffers allow 32 KiB; cookies-heavy apps need about that.
@@ -144,7 +146,7 @@ async fn serve_http<S>(
         .max_buf_size(MAX_REQUEST_HEAD)
         .keep_alive(true);
     let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(HeadGuard::new(stream)), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use crate::gateway::{ConnContext, Connections, Route, Shared};
+use crate::listener::head_guard::HeadGuard;
 use crate::upstream::{Server, Upstream, UpstreamStream};
 use record::{ConnRecord, Identity};
 use tunnel::{Outcome, Tunnel, TunnelSettings};
@@ -33,15 +34,18 @@ pub enum ClientIo {
 
 /// Unwraps an upgraded client connection and the bytes hyper read past the request.
 pub fn client_io(upgraded: Upgraded) -> (ClientIo, Bytes) {
-    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => return (ClientIo::Plain(parts.io.into_inner()), parts.read_buf),
+    let upgraded = match upgraded.downcast::<TokioIo<HeadGuard<TcpStream>>>() {
+        Ok(parts) => {
+            let tcp = parts.io.into_inner().into_inner();
+            return (ClientIo::Plain(tcp), parts.read_buf);
+        }
         Err(upgraded) => upgraded,
     };
-    match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
-        Ok(parts) => (
-            ClientIo::Tls(Box::new(parts.io.into_inner())),
-            parts.read_buf,
-        ),
+    match upgraded.downcast::<TokioIo<HeadGuard<tokio_rustls::server::TlsStream<TcpStream>>>>() {
+        Ok(parts) => {
+            let tls = parts.io.into_inner().into_inner();
+            (ClientIo::Tls(Box::new(tls)), parts.read_buf)
+        }
         Err(upgraded) => (ClientIo::Other(TokioIo::new(upgraded)), Bytes::new()),
     }
 }

@@ -439,8 +439,8 @@ impl Half {
                     }
                 }
                 self.frames[opcode_index(header.opcode)] += 1;
-                match header.opcode {
-                    OpCode::Close => match codec::parse_close_payload(payload) {
+                if header.opcode == OpCode::Close {
+                    match codec::parse_close_payload(payload) {
                         Ok(code) => {
                             // A close frame without a code is reported as 1005 (RFC 6455
                             // §7.1.5), telling it apart from a dropped socket.
@@ -460,8 +460,7 @@ impl Half {
                             self.filled = self.scan;
                             break;
                         }
-                    },
-                    _ => {}
+                    }
                 }
                 self.scan += total;
             } else {
