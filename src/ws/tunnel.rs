@@ -96,48 +96,19 @@ struct CloseFrame {
     reason: &'static str,
 }
 
-/// Control frames queued for one output, written at its next frame boundary.
+/// Control frames queued for one output, written at its next frame boundary. Boxed and
+/// only present while frames wait, so an idle tunnel does not carry the room for them.
 struct Inject {
     bytes: [u8; INJECT_CAPACITY],
     len: usize,
     written: usize,
-    /// The queue ends with a close frame: nothing may follow it on this output.
+    /// The queue holds a close frame: when it is written, this output is closed.
     has_close: bool,
 }
 
 impl Inject {
-    fn new() -> Self {
-        Inject {
-            bytes: [0; INJECT_CAPACITY],
-            len: 0,
-            written: 0,
-            has_close: false,
-        }
-    }
-
     fn pending(&self) -> bool {
         self.written < self.len
-    }
-
-    /// Queues a control frame; ignored once a close is queued or if there is no room.
-    fn push(&mut self, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
-        if self.has_close {
-            return;
-        }
-        if !self.pending() {
-            self.len = 0;
-            self.written = 0;
-        }
-        if self.len + MAX_CONTROL_FRAME > INJECT_CAPACITY {
-            return;
-        }
-        let mut frame = [0u8; MAX_CONTROL_FRAME];
-        let n = codec::encode_control(opcode, payload, mask, &mut frame);
-        self.bytes[self.len..self.len + n].copy_from_slice(&frame[..n]);
-        self.len += n;
-        if opcode == OpCode::Close {
-            self.has_close = true;
-        }
     }
 }
 
@@ -164,7 +135,9 @@ struct Half {
     filled: usize,
     /// Payload bytes of the current data frame still to come.
     frame_left: u64,
-    inject: Inject,
+    inject: Option<Box<Inject>>,
+    /// wsgate queued a close on this output: nothing else may be queued after it.
+    close_queued: bool,
     /// wsgate's close went out on `dst`: whatever `src` still sends is read and dropped.
     discarding: bool,
     /// A close frame (forwarded or wsgate's) was written or approved towards `dst`.
@@ -209,7 +182,8 @@ impl Half {
             scan: 0,
             filled: 0,
             frame_left: 0,
-            inject: Inject::new(),
+            inject: None,
+            close_queued: false,
             discarding: false,
             dst_closed: false,
             src_done: false,
@@ -238,6 +212,36 @@ impl Half {
         self.filled = n;
     }
 
+    fn inject_pending(&self) -> bool {
+        self.inject.as_ref().is_some_and(|i| i.pending())
+    }
+
+    /// Queues a control frame of wsgate's for this output; ignored once a close is queued.
+    fn queue(&mut self, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+        if self.close_queued {
+            return;
+        }
+        let inject = self.inject.get_or_insert_with(|| {
+            Box::new(Inject {
+                bytes: [0; INJECT_CAPACITY],
+                len: 0,
+                written: 0,
+                has_close: false,
+            })
+        });
+        if inject.len + MAX_CONTROL_FRAME > INJECT_CAPACITY {
+            return;
+        }
+        let mut frame = [0u8; MAX_CONTROL_FRAME];
+        let n = codec::encode_control(opcode, payload, mask, &mut frame);
+        inject.bytes[inject.len..inject.len + n].copy_from_slice(&frame[..n]);
+        inject.len += n;
+        if opcode == OpCode::Close {
+            inject.has_close = true;
+            self.close_queued = true;
+        }
+    }
+
     fn at_boundary(&self) -> bool {
         self.frame_left == 0
     }
@@ -246,13 +250,13 @@ impl Half {
     /// `src` ended in the middle of a frame so no boundary will come for wsgate's frames).
     fn flushed(&self) -> bool {
         self.wpos == self.scan
-            && (!self.inject.pending() || self.dst_failed || (self.src_done && !self.at_boundary()))
+            && (!self.inject_pending() || self.dst_failed || (self.src_done && !self.at_boundary()))
     }
 
     /// Reading waits until everything approved is written and no queued frame of wsgate's
     /// could go out now; a queued frame waiting for a boundary needs more input to get one.
     fn can_read(&self) -> bool {
-        self.wpos == self.scan && (self.dst_failed || !self.inject.pending() || !self.at_boundary())
+        self.wpos == self.scan && (self.dst_failed || !self.inject_pending() || !self.at_boundary())
     }
 
     /// Writes approved bytes, then queued control frames at a frame boundary.
@@ -284,8 +288,10 @@ impl Half {
                     }
                     Ok(n) => self.wpos += n,
                 }
-            } else if self.inject.pending() && self.at_boundary() {
-                let inject = &mut self.inject;
+            } else if self.inject_pending() && self.at_boundary() {
+                let Some(inject) = self.inject.as_mut() else {
+                    continue;
+                };
                 let Poll::Ready(result) =
                     Pin::new(&mut *dst).poll_write(cx, &inject.bytes[inject.written..inject.len])
                 else {
@@ -299,9 +305,12 @@ impl Half {
                     }
                     Ok(n) => {
                         inject.written += n;
-                        if !inject.pending() && inject.has_close {
-                            self.dst_closed = true;
-                            self.discarding = true;
+                        if !inject.pending() {
+                            if inject.has_close {
+                                self.dst_closed = true;
+                                self.discarding = true;
+                            }
+                            self.inject = None;
                         }
                     }
                 }
@@ -401,7 +410,7 @@ impl Half {
             }
             // At a boundary with wsgate's own frames queued: stop here so they go out next,
             // even while the peer streams large frames back to back.
-            if self.inject.pending() && !self.discarding {
+            if self.inject.as_ref().is_some_and(|i| i.pending()) && !self.discarding {
                 break;
             }
             let header = match self.decoder.parse_header(&buf[self.scan..self.filled]) {
@@ -642,13 +651,12 @@ where
         let mut payload = [0u8; 125];
         if !self.u2c.dst_closed && !self.u2c.dst_failed {
             let n = codec::close_payload(to_client.code, to_client.reason, &mut payload);
-            self.u2c.inject.push(OpCode::Close, &payload[..n], None);
+            self.u2c.queue(OpCode::Close, &payload[..n], None);
         }
         if !self.c2u.dst_closed && !self.c2u.dst_failed {
             let n = codec::close_payload(to_upstream.code, to_upstream.reason, &mut payload);
             self.c2u
-                .inject
-                .push(OpCode::Close, &payload[..n], Some(codec::random_mask()));
+                .queue(OpCode::Close, &payload[..n], Some(codec::random_mask()));
         }
         self.start_deadline(now);
     }
@@ -770,7 +778,7 @@ where
                 Direction::ClientToUpstream => Some(codec::random_mask()),
                 Direction::UpstreamToClient => None,
             };
-            half.inject.push(OpCode::Close, &payload[..n], mask);
+            half.queue(OpCode::Close, &payload[..n], mask);
         }
         // The vanished side will say nothing more.
         match towards {
@@ -792,7 +800,7 @@ where
         match self.client_ka.poll(now) {
             KeepaliveAction::Ping(token) => {
                 self.record.metrics.pings_sent.inc();
-                self.u2c.inject.push(OpCode::Ping, &token, None)
+                self.u2c.queue(OpCode::Ping, &token, None)
             }
             KeepaliveAction::Dead => {
                 self.pong_timeouts += 1;
@@ -815,8 +823,7 @@ where
             KeepaliveAction::Ping(token) => {
                 self.record.metrics.pings_sent.inc();
                 self.c2u
-                    .inject
-                    .push(OpCode::Ping, &token, Some(codec::random_mask()))
+                    .queue(OpCode::Ping, &token, Some(codec::random_mask()))
             }
             KeepaliveAction::Dead => {
                 self.proxy_close(
@@ -1074,5 +1081,16 @@ where
                 Phase::Done => return Poll::Ready(this.outcome()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle tunnel carries this struct; keep it small (see docs/performance.md).
+    #[test]
+    fn idle_tunnel_state_stays_small() {
+        let size =
+            std::mem::size_of::<super::Tunnel<tokio::net::TcpStream, tokio::net::TcpStream>>();
+        assert!(size <= 1280, "Tunnel grew to {size} bytes");
     }
 }
