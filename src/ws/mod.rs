@@ -133,13 +133,15 @@ pub async fn relay_to<U>(
     let _registered = connections.register(record.clone());
     let metrics = record.metrics.clone();
     metrics.connections_active.inc();
+    // The early bytes are copied into the relay's buffer at once: they are slices of hyper's
+    // read buffers, which would otherwise stay allocated for the life of the connection.
     let outcome = match client {
         ClientIo::Plain(c) => {
             Tunnel::new(
                 c,
-                &client_early,
+                client_early,
                 upstream,
-                &upstream_early,
+                upstream_early,
                 settings,
                 record.clone(),
             )
@@ -148,9 +150,9 @@ pub async fn relay_to<U>(
         ClientIo::Tls(c) => {
             Tunnel::new(
                 c,
-                &client_early,
+                client_early,
                 upstream,
-                &upstream_early,
+                upstream_early,
                 settings,
                 record.clone(),
             )
@@ -159,9 +161,9 @@ pub async fn relay_to<U>(
         ClientIo::Other(c) => {
             Tunnel::new(
                 c,
-                &client_early,
+                client_early,
                 upstream,
-                &upstream_early,
+                upstream_early,
                 settings,
                 record.clone(),
             )

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Duration, Instant, Sleep};
 
@@ -152,6 +153,8 @@ struct Half {
     src_eof: bool,
     /// `src` broke the protocol or a limit.
     violation: Option<Violation>,
+    /// Bytes read past the handshake that did not fit the first buffer.
+    early: Option<Bytes>,
     /// Bytes not yet added to the connection record and metrics.
     unflushed_bytes: u64,
     /// `frames` as last added to the connection record and metrics.
@@ -191,6 +194,7 @@ impl Half {
             src_dropped: false,
             src_eof: false,
             violation: None,
+            early: None,
             unflushed_bytes: 0,
             flushed_frames: [0; 6],
             dst_failed: false,
@@ -202,14 +206,28 @@ impl Half {
     }
 
     /// Bytes already read before the tunnel started (hyper may read past the handshake).
-    fn prefill(&mut self, bytes: &[u8]) {
+    fn prefill(&mut self, bytes: Bytes) {
         if bytes.is_empty() {
             return;
         }
+        self.early = Some(bytes);
+        self.take_early();
+    }
+
+    /// Moves early bytes into the relay buffer, as many as fit. Anything left (more than a
+    /// whole buffer arrived with the handshake) stays for the next turn, instead of the
+    /// socket being read.
+    fn take_early(&mut self) {
+        let Some(mut early) = self.early.take() else {
+            return;
+        };
         let buf = self.buf.get_or_insert_with(RelayBuf::take);
-        let n = bytes.len().min(buf.len());
-        buf[..n].copy_from_slice(&bytes[..n]);
-        self.filled = n;
+        let n = early.len().min(buf.len() - self.filled);
+        buf[self.filled..self.filled + n].copy_from_slice(&early[..n]);
+        self.filled += n;
+        let rest = early.split_off(n);
+        // Keep a slice only when something is left: it pins hyper's whole read buffer.
+        self.early = (!rest.is_empty()).then_some(rest);
     }
 
     fn inject_pending(&self) -> bool {
@@ -349,6 +367,11 @@ impl Half {
             if (self.scan, self.filled) != before || self.src_done {
                 return true;
             }
+        }
+        if self.early.is_some() {
+            self.take_early();
+            self.parse(keepalive, now, events);
+            return true;
         }
         let buf = self.buf.get_or_insert_with(RelayBuf::take);
         let mut read_buf = ReadBuf::new(&mut buf[self.filled..]);
@@ -590,9 +613,9 @@ where
     /// `client_early` and `upstream_early` are bytes read past the handshake by the HTTP layer.
     pub fn new(
         client: C,
-        client_early: &[u8],
+        client_early: Bytes,
         upstream: U,
-        upstream_early: &[u8],
+        upstream_early: Bytes,
         settings: TunnelSettings,
         record: Arc<ConnRecord>,
     ) -> Self {
