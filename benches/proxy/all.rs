@@ -1,0 +1,985 @@
+//! `all`: the whole benchmark in one run. Starts the echo upstream, writes the configs of
+//! wsgate, nginx and HAProxy (benches/peers/), starts each proxy pinned to the proxy CPU and
+//! runs every workload against direct / wsgate / nginx / HAProxy with the load client pinned
+//! to the other CPU (next to the upstream). Then prints the table and writes results.json and
+//! ratios.svg (see `report`).
+
+use std::fs;
+use std::io::Read as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use serde_json::{json, Value};
+
+use crate::report::{self, RunResults, WorkloadResult};
+use crate::sys;
+
+const NGINX_TEMPLATE: &str = include_str!("../peers/nginx.conf");
+const HAPROXY_TEMPLATE: &str = include_str!("../peers/haproxy.cfg");
+const WSGATE_TEMPLATE: &str = include_str!("../peers/wsgate.toml");
+
+/// How long a proxy or the upstream may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a stopped process gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// A load run may overrun its planned time by this much before it is killed.
+const LOAD_SLACK: Duration = Duration::from_secs(60);
+
+/// Connections of the closed-loop and paced workloads (the issue's 64).
+const ECHO_CONNS: usize = 64;
+
+/// Concurrent handshakers (the issue's 16).
+const HANDSHAKE_WORKERS: usize = 16;
+
+/// Paced rate over all connections (the issue's 10,000 msgs/s).
+const PACED_RATE: u64 = 10_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// Measured time of each throughput and latency workload.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Measured time of each handshake workload.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "5s")]
+    handshake_duration: Duration,
+    /// Unmeasured warm-up before each measured window.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Idle connections held open in the memory workloads.
+    #[arg(long, default_value_t = 5000)]
+    idle_conns: usize,
+    /// Smoke test: 2 s per workload, 1 s of handshakes, 0.5 s warm-ups, 2,000 idle connections.
+    #[arg(long)]
+    quick: bool,
+    /// Leave out a target: direct, wsgate, nginx or haproxy (repeatable).
+    #[arg(long)]
+    skip: Vec<String>,
+    /// Run only these workloads (comma-separated ids: echo32, echo16k, paced, handshake,
+    /// handshake-tls, idle, idle-tls). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// The wsgate binary (default: target/release/wsgate).
+    #[arg(long)]
+    wsgate: Option<PathBuf>,
+    /// Output folder (default: target/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// CPU for the proxy under test.
+    #[arg(long, default_value_t = 0)]
+    proxy_cpu: usize,
+    /// CPU for the load client and the echo upstream.
+    #[arg(long, default_value_t = 1)]
+    load_cpu: usize,
+    /// How the processes the harness starts (proxies, upstream, load client) are scheduled:
+    /// `fifo` (SCHED_FIFO priority 10: the measurement is not interrupted by the machine's
+    /// other work, which gets the kernel's 5% real-time leftover while a workload runs),
+    /// `nice` (nice -10: gentler on a shared machine, noisier throughput and latency) or
+    /// `normal`. It changes nothing between the proxies. Needs root; ignored otherwise.
+    #[arg(long, value_enum, default_value = "fifo")]
+    sched: Sched,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+enum Sched {
+    Normal = 0,
+    Nice = 1,
+    Fifo = 2,
+}
+
+/// Real-time priority for `--sched fifo`: above every normal process, below the kernel's
+/// own real-time threads (50 and up).
+const FIFO_PRIORITY: i32 = 10;
+
+/// Nice value for `--sched nice`.
+const NICE_VALUE: i32 = -10;
+
+/// The `--sched` choice; set once in `run`, read between fork and exec.
+static SCHED: AtomicI32 = AtomicI32::new(0);
+
+/// In a child between fork and exec: apply [`SCHED`] (failure, e.g. without root, is
+/// ignored: the run is then only noisier).
+fn apply_sched() {
+    let sched = SCHED.load(Ordering::Relaxed);
+    // SAFETY: setpriority and sched_setscheduler are async-signal-safe system calls.
+    unsafe {
+        if sched == Sched::Nice as i32 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, NICE_VALUE);
+        } else if sched == Sched::Fifo as i32 {
+            let param = libc::sched_param {
+                sched_priority: FIFO_PRIORITY,
+            };
+            libc::sched_setscheduler(0, libc::SCHED_FIFO, &param);
+        }
+    }
+}
+
+/// One workload of the run.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Echo { size: usize },
+    Paced,
+    Handshake { tls: bool },
+    Idle { tls: bool },
+}
+
+fn workloads() -> Vec<Workload> {
+    vec![
+        Workload {
+            id: "echo32-1",
+            title: "32 B echo, 64 conns (run 1)",
+            kind: Kind::Echo { size: 32 },
+        },
+        Workload {
+            id: "echo16k",
+            title: "16 KiB echo, 64 conns",
+            kind: Kind::Echo { size: 16 * 1024 },
+        },
+        Workload {
+            id: "paced",
+            title: "paced 10k msgs/s, 64 conns",
+            kind: Kind::Paced,
+        },
+        Workload {
+            id: "echo32-2",
+            title: "32 B echo, 64 conns (run 2)",
+            kind: Kind::Echo { size: 32 },
+        },
+        Workload {
+            id: "handshake",
+            title: "handshakes, 16 concurrent (ws)",
+            kind: Kind::Handshake { tls: false },
+        },
+        Workload {
+            id: "handshake-tls",
+            title: "handshakes, 16 concurrent (wss)",
+            kind: Kind::Handshake { tls: true },
+        },
+        Workload {
+            id: "idle",
+            title: "idle connections (ws)",
+            kind: Kind::Idle { tls: false },
+        },
+        Workload {
+            id: "idle-tls",
+            title: "idle connections (wss)",
+            kind: Kind::Idle { tls: true },
+        },
+    ]
+}
+
+/// Process groups the harness started, killed from the signal handler on Ctrl-C.
+static GROUPS: [AtomicI32; 16] = [const { AtomicI32::new(0) }; 16];
+
+extern "C" fn on_signal(_: libc::c_int) {
+    for g in &GROUPS {
+        let pgid = g.load(Ordering::Relaxed);
+        if pgid > 0 {
+            // SAFETY: kill is async-signal-safe.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(130) }
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handler only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// A started process in its own process group (so nginx's worker goes with its master).
+struct Proc {
+    name: String,
+    child: Child,
+    slot: Option<usize>,
+}
+
+impl Proc {
+    /// Starts `program args` pinned to `cpu` with `taskset`, output to `log`.
+    fn spawn(
+        name: &str,
+        cpu: usize,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Proc> {
+        let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c")
+            .arg(cpu.to_string())
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                apply_sched();
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {name} ({})", program.display()))?;
+        let slot = GROUPS.iter().position(|g| {
+            g.compare_exchange(0, child.id() as i32, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        });
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            slot,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process and its direct children (nginx: master and worker).
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.pid()];
+        pids.extend(sys::children(self.pid()));
+        pids
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits until `port` accepts connections (and, with `workers`, until the process has a
+    /// child). Errors if the process exits first or the time runs out.
+    fn wait_ready(&mut self, port: u16, workers: bool, log: &Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.exited() {
+                bail!(
+                    "{} exited at start-up: {}",
+                    self.name,
+                    last_lines(log, 5).trim()
+                );
+            }
+            let up = TcpStream::connect_timeout(
+                &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                Duration::from_millis(200),
+            )
+            .is_ok();
+            if up && (!workers || !sys::children(self.pid()).is_empty()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not listen on {port} within {START_TIMEOUT:?}",
+                    self.name
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM to the group, then SIGKILL after [`STOP_GRACE`].
+    fn stop(&mut self) {
+        let pgid = self.pid() as i32;
+        if !self.exited() {
+            // SAFETY: signalling our own child's process group.
+            unsafe {
+                libc::kill(-pgid, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + STOP_GRACE;
+            while !self.exited() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Whatever is left of the group (a worker that outlived its master).
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        if let Some(slot) = self.slot.take() {
+            GROUPS[slot].store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A free loopback port (bound and released; nothing else here races for ports).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// The files of the generated certificate authority and server certificate.
+struct Certs {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate and key in one file, as HAProxy's `crt` wants.
+    combined: PathBuf,
+}
+
+/// A throw-away CA and an ECDSA P-256 server certificate for `localhost` and 127.0.0.1.
+fn make_certs(dir: &Path) -> anyhow::Result<Certs> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "wsgate bench CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let certs = Certs {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        combined: dir.join("cert+key.pem"),
+    };
+    fs::write(&certs.ca, ca_cert.pem())?;
+    fs::write(&certs.cert, cert.pem())?;
+    fs::write(&certs.key, key.serialize_pem())?;
+    fs::write(
+        &certs.combined,
+        format!("{}{}", cert.pem(), key.serialize_pem()),
+    )?;
+    Ok(certs)
+}
+
+fn fill(template: &str, values: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut out = template.to_owned();
+    for (k, v) in values {
+        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(i) = out.find("{{") {
+        let rest: String = out[i..].chars().take(30).collect();
+        bail!("template value missing: {rest}");
+    }
+    Ok(out)
+}
+
+/// Finds `name` in PATH or the sbin folders (Debian puts nginx and haproxy in /usr/sbin).
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .map(PathBuf::from)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// First line of `program args` (stdout or stderr), e.g. a version.
+fn first_line(program: &Path, args: &[&str]) -> String {
+    match Command::new(program).args(args).output() {
+        Ok(out) => {
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            let line = String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            // "HAProxy version 2.6.12-1 2023/12/12 - https://haproxy.org/": drop the link.
+            line.split(" - ").next().unwrap_or_default().to_owned()
+        }
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// A proxy under test.
+struct Peer {
+    name: &'static str,
+    plain_port: u16,
+    tls_port: u16,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    /// nginx forks its worker: wait for it and watch it too.
+    forks_worker: bool,
+    version: String,
+    proc: Option<Proc>,
+}
+
+impl Peer {
+    fn start(&mut self, cpu: usize) -> anyhow::Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+        let mut p = Proc::spawn(self.name, cpu, &self.program, &self.args, &self.log)?;
+        p.wait_ready(self.plain_port, self.forks_worker, &self.log)?;
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.proc.as_ref().map(Proc::pids).unwrap_or_default()
+    }
+}
+
+/// The options that depend on --quick.
+struct Plan {
+    duration: Duration,
+    handshake_duration: Duration,
+    warmup: Duration,
+    idle_conns: usize,
+}
+
+pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
+    install_signal_handlers();
+    crate::ws::self_check()?;
+    SCHED.store(opts.sched as i32, Ordering::Relaxed);
+    if opts.sched == Sched::Fifo {
+        eprintln!(
+            "measured processes run at SCHED_FIFO {FIFO_PRIORITY}: other work on this machine \
+             slows down while a workload runs (--sched nice to be gentler)"
+        );
+    }
+    let nofile = sys::raise_nofile();
+    let plan = if opts.quick {
+        Plan {
+            duration: Duration::from_secs(2),
+            handshake_duration: Duration::from_secs(1),
+            warmup: Duration::from_millis(500),
+            idle_conns: opts.idle_conns.min(2000),
+        }
+    } else {
+        Plan {
+            duration: opts.duration,
+            handshake_duration: opts.handshake_duration,
+            warmup: opts.warmup,
+            idle_conns: opts.idle_conns,
+        }
+    };
+    // A proxied idle connection costs the proxy two descriptors.
+    let fd_room = (nofile as usize).saturating_sub(200) / 2;
+    let idle_conns = if plan.idle_conns > fd_room {
+        eprintln!(
+            "open-file limit {nofile}: idle workloads reduced to {fd_room} connections (raise `ulimit -n`)"
+        );
+        fd_room
+    } else {
+        plan.idle_conns
+    };
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench"));
+    let logs = out.join("logs");
+    fs::create_dir_all(&logs)?;
+    let certs = make_certs(&out)?;
+    let self_exe = std::env::current_exe()?;
+
+    // The upstream, on the load CPU.
+    let up_port = free_port()?;
+    let up_tls_port = free_port()?;
+    let up_log = logs.join("upstream.log");
+    let mut upstream = Proc::spawn(
+        "upstream",
+        opts.load_cpu,
+        &self_exe,
+        &[
+            "upstream".into(),
+            "--port".into(),
+            up_port.to_string(),
+            "--tls-port".into(),
+            up_tls_port.to_string(),
+            "--cert".into(),
+            certs.cert.display().to_string(),
+            "--key".into(),
+            certs.key.display().to_string(),
+        ],
+        &up_log,
+    )?;
+    upstream.wait_ready(up_port, false, &up_log)?;
+
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    let skip = |name: &str| opts.skip.iter().any(|s| s.eq_ignore_ascii_case(name));
+    let mut peers: Vec<Peer> = Vec::new();
+
+    // wsgate
+    if !skip("wsgate") {
+        let bin = opts
+            .wsgate
+            .clone()
+            .unwrap_or_else(|| root.join("target/release/wsgate"));
+        if !bin.is_file() {
+            bail!(
+                "{} not found: build it with `cargo build --release` (benches/run.sh does)",
+                bin.display()
+            );
+        }
+        let (plain_port, tls_port, admin_port) = (free_port()?, free_port()?, free_port()?);
+        let config = out.join("wsgate.toml");
+        fs::write(
+            &config,
+            fill(
+                WSGATE_TEMPLATE,
+                &[
+                    ("PLAIN_PORT", plain_port.to_string()),
+                    ("TLS_PORT", tls_port.to_string()),
+                    ("ADMIN_PORT", admin_port.to_string()),
+                    ("UPSTREAM_PORT", up_port.to_string()),
+                    ("CERT", certs.cert.display().to_string()),
+                    ("KEY", certs.key.display().to_string()),
+                ],
+            )?,
+        )?;
+        let check = Command::new(&bin)
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()?;
+        if !check.status.success() {
+            bail!(
+                "wsgate check refused the bench config:\n{}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+        peers.push(Peer {
+            name: "wsgate",
+            plain_port,
+            tls_port,
+            version: first_line(&bin, &["--version"]),
+            args: vec!["--config".into(), config.display().to_string()],
+            program: bin,
+            log: logs.join("wsgate.log"),
+            forks_worker: false,
+            proc: None,
+        });
+    }
+
+    // nginx
+    if skip("nginx") {
+        skipped.push(("nginx".into(), "--skip nginx".into()));
+    } else if let Some(bin) = find_binary("nginx") {
+        let (plain_port, tls_port) = (free_port()?, free_port()?);
+        let dir = out.join("nginx");
+        for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            fs::create_dir_all(dir.join("tmp").join(sub))?;
+        }
+        let config = dir.join("nginx.conf");
+        fs::write(
+            &config,
+            fill(
+                NGINX_TEMPLATE,
+                &[
+                    ("DIR", dir.display().to_string()),
+                    ("PLAIN_PORT", plain_port.to_string()),
+                    ("TLS_PORT", tls_port.to_string()),
+                    ("UPSTREAM_PORT", up_port.to_string()),
+                    ("CERT", certs.cert.display().to_string()),
+                    ("KEY", certs.key.display().to_string()),
+                ],
+            )?,
+        )?;
+        peers.push(Peer {
+            name: "nginx",
+            plain_port,
+            tls_port,
+            version: first_line(&bin, &["-v"]),
+            args: vec![
+                "-g".into(),
+                "daemon off; master_process on;".into(),
+                "-p".into(),
+                dir.display().to_string(),
+                "-e".into(),
+                dir.join("error.log").display().to_string(),
+                "-c".into(),
+                config.display().to_string(),
+            ],
+            program: bin,
+            log: logs.join("nginx.log"),
+            forks_worker: true,
+            proc: None,
+        });
+    } else {
+        skipped.push((
+            "nginx".into(),
+            "not installed (benches/run.sh installs it with apt-get)".into(),
+        ));
+    }
+
+    // HAProxy
+    if skip("haproxy") {
+        skipped.push(("haproxy".into(), "--skip haproxy".into()));
+    } else if let Some(bin) = find_binary("haproxy") {
+        let (plain_port, tls_port) = (free_port()?, free_port()?);
+        let config = out.join("haproxy.cfg");
+        fs::write(
+            &config,
+            fill(
+                HAPROXY_TEMPLATE,
+                &[
+                    ("PLAIN_PORT", plain_port.to_string()),
+                    ("TLS_PORT", tls_port.to_string()),
+                    ("UPSTREAM_PORT", up_port.to_string()),
+                    ("PEM", certs.combined.display().to_string()),
+                ],
+            )?,
+        )?;
+        peers.push(Peer {
+            name: "haproxy",
+            plain_port,
+            tls_port,
+            version: first_line(&bin, &["-v"]),
+            args: vec!["-db".into(), "-f".into(), config.display().to_string()],
+            program: bin,
+            log: logs.join("haproxy.log"),
+            forks_worker: false,
+            proc: None,
+        });
+    } else {
+        skipped.push((
+            "haproxy".into(),
+            "not installed (benches/run.sh installs it with apt-get)".into(),
+        ));
+    }
+
+    // Start them all; a peer that fails to start is skipped with its reason.
+    let mut started = Vec::new();
+    for mut peer in peers {
+        match peer.start(opts.proxy_cpu) {
+            Ok(()) => {
+                eprintln!(
+                    "started {} ({}) pid {:?}",
+                    peer.name,
+                    peer.version,
+                    peer.pids()
+                );
+                started.push(peer);
+            }
+            Err(e) if peer.name == "wsgate" => return Err(e),
+            Err(e) => {
+                eprintln!("skipping {}: {e:#}", peer.name);
+                skipped.push((peer.name.to_owned(), format!("{e:#}")));
+            }
+        }
+    }
+    let mut peers = started;
+    for (name, why) in &skipped {
+        eprintln!("skipped {name}: {why}");
+    }
+    let with_direct = !skip("direct");
+
+    let selected: Vec<Workload> = workloads()
+        .into_iter()
+        .filter(|w| {
+            opts.workloads.is_empty()
+                || opts
+                    .workloads
+                    .iter()
+                    .any(|id| id == w.id || (id == "echo32" && w.id.starts_with("echo32")))
+        })
+        .collect();
+    let runs_total: usize = selected
+        .iter()
+        .map(|w| peers.len() + usize::from(with_direct && !matches!(w.kind, Kind::Idle { .. })))
+        .sum();
+
+    let ctx = LoadCtx {
+        self_exe: self_exe.clone(),
+        load_cpu: opts.load_cpu,
+        ca: certs.ca.clone(),
+        plan: &plan,
+        idle_conns,
+    };
+    let started_at = Instant::now();
+    let mut results = Vec::new();
+    let mut n = 0;
+    for w in &selected {
+        let mut per_target: Vec<(String, Value)> = Vec::new();
+        if with_direct && !matches!(w.kind, Kind::Idle { .. }) {
+            n += 1;
+            let url = match w.kind {
+                Kind::Handshake { tls: true } => format!("wss://localhost:{up_tls_port}/"),
+                _ => format!("ws://127.0.0.1:{up_port}/"),
+            };
+            let v = ctx.run(w, &url, &[], n, runs_total, "direct");
+            per_target.push(("direct".into(), v));
+        }
+        for peer in peers.iter_mut() {
+            n += 1;
+            if let Kind::Idle { .. } = w.kind {
+                // A fresh process, so memory freed by earlier workloads does not hide growth.
+                if let Err(e) = peer.start(opts.proxy_cpu) {
+                    per_target.push((peer.name.into(), json!({"error": format!("{e:#}")})));
+                    continue;
+                }
+            }
+            let tls = matches!(
+                w.kind,
+                Kind::Handshake { tls: true } | Kind::Idle { tls: true }
+            );
+            let url = if tls {
+                format!("wss://localhost:{}/", peer.tls_port)
+            } else {
+                format!("ws://127.0.0.1:{}/", peer.plain_port)
+            };
+            let v = ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name);
+            per_target.push((peer.name.into(), v));
+        }
+        results.push(WorkloadResult {
+            id: w.id,
+            title: w.title,
+            kind: w.kind,
+            results: per_target,
+        });
+    }
+    let elapsed = started_at.elapsed();
+    for peer in peers.iter_mut() {
+        if let Some(mut p) = peer.proc.take() {
+            p.stop();
+        }
+    }
+    upstream.stop();
+
+    let run = RunResults {
+        command: command_line,
+        machine: report::machine_info(),
+        versions: peers
+            .iter()
+            .map(|p| (p.name.to_owned(), p.version.clone()))
+            .collect(),
+        skipped,
+        settings: json!({
+            "duration_s": plan.duration.as_secs_f64(),
+            "handshake_duration_s": plan.handshake_duration.as_secs_f64(),
+            "warmup_s": plan.warmup.as_secs_f64(),
+            "echo_conns": ECHO_CONNS,
+            "handshake_workers": HANDSHAKE_WORKERS,
+            "paced_rate": PACED_RATE,
+            "idle_conns": idle_conns,
+            "proxy_cpu": opts.proxy_cpu,
+            "load_cpu": opts.load_cpu,
+            "sched": format!("{:?}", opts.sched).to_lowercase(),
+            "quick": opts.quick,
+            "elapsed_s": elapsed.as_secs_f64(),
+        }),
+        workloads: results,
+    };
+    let table = report::markdown(&run);
+    println!("{table}");
+    let json_path = out.join("results.json");
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&report::json(&run))?,
+    )?;
+    let svg_path = out.join("ratios.svg");
+    fs::write(&svg_path, report::svg(&run))?;
+    fs::write(out.join("results.md"), &table)?;
+    eprintln!(
+        "wrote {}, {} and {} ({:.0} s of workloads)",
+        json_path.display(),
+        svg_path.display(),
+        out.join("results.md").display(),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What every load run shares.
+struct LoadCtx<'a> {
+    self_exe: PathBuf,
+    load_cpu: usize,
+    ca: PathBuf,
+    plan: &'a Plan,
+    idle_conns: usize,
+}
+
+impl LoadCtx<'_> {
+    /// Runs the load client for one workload against one target; its JSON, or `{"error"}`.
+    fn run(
+        &self,
+        w: &Workload,
+        url: &str,
+        pids: &[u32],
+        n: usize,
+        total: usize,
+        target: &str,
+    ) -> Value {
+        let p = self.plan;
+        let secs = |d: Duration| format!("{}ms", d.as_millis());
+        let mut args: Vec<String> = vec![
+            "load".into(),
+            "--url".into(),
+            url.into(),
+            "--ca".into(),
+            self.ca.display().to_string(),
+            "--warmup".into(),
+            secs(p.warmup),
+        ];
+        let planned = match w.kind {
+            Kind::Echo { size } => {
+                args.extend([
+                    "--mode".into(),
+                    "echo".into(),
+                    "--conns".into(),
+                    ECHO_CONNS.to_string(),
+                    "--size".into(),
+                    size.to_string(),
+                    "--duration".into(),
+                    secs(p.duration),
+                ]);
+                p.warmup + p.duration
+            }
+            Kind::Paced => {
+                args.extend([
+                    "--mode".into(),
+                    "paced".into(),
+                    "--conns".into(),
+                    ECHO_CONNS.to_string(),
+                    "--size".into(),
+                    "32".into(),
+                    "--rate".into(),
+                    PACED_RATE.to_string(),
+                    "--duration".into(),
+                    secs(p.duration),
+                ]);
+                p.warmup + p.duration
+            }
+            Kind::Handshake { .. } => {
+                args.extend([
+                    "--mode".into(),
+                    "handshake".into(),
+                    "--conns".into(),
+                    HANDSHAKE_WORKERS.to_string(),
+                    "--size".into(),
+                    "32".into(),
+                    "--duration".into(),
+                    secs(p.handshake_duration),
+                ]);
+                p.warmup + p.handshake_duration
+            }
+            Kind::Idle { .. } => {
+                args.extend([
+                    "--mode".into(),
+                    "idle".into(),
+                    "--conns".into(),
+                    self.idle_conns.to_string(),
+                    "--size".into(),
+                    "32".into(),
+                    "--settle".into(),
+                    "1s".into(),
+                ]);
+                Duration::from_secs(30)
+            }
+        };
+        for pid in pids {
+            args.push("--watch-pid".into());
+            args.push(pid.to_string());
+        }
+        eprint!("[{n:2}/{total}] {:<34} {target:<8} ", w.title);
+        let v = match run_child(&self.self_exe, self.load_cpu, &args, planned + LOAD_SLACK) {
+            Ok(v) => v,
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
+        eprintln!("{}", report::one_line(w.kind, &v));
+        v
+    }
+}
+
+/// Runs `self_exe args` pinned to `cpu`, killing it after `limit`; parses its stdout as JSON.
+fn run_child(
+    self_exe: &Path,
+    cpu: usize,
+    args: &[String],
+    limit: Duration,
+) -> anyhow::Result<Value> {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(cpu.to_string())
+        .arg(self_exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            apply_sched();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start the load client")?;
+    let pid = child.id() as i32;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_reader = thread::spawn(move || {
+        let mut err = String::new();
+        let _ = stderr.read_to_string(&mut err);
+        err
+    });
+    let (tx, rx) = mpsc::channel();
+    let out_reader = thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        let _ = tx.send(());
+        out
+    });
+    if rx.recv_timeout(limit).is_err() {
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let status = child.wait()?;
+    let out = out_reader.join().expect("stdout reader");
+    let err = err_reader.join().expect("stderr reader");
+    if !status.success() {
+        bail!("load client failed ({status}): {}", err.trim());
+    }
+    serde_json::from_str(out.trim()).with_context(|| format!("load client printed {out:?}"))
+}

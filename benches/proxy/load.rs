@@ -1,0 +1,792 @@
+//! The load client: one thread (plus a pacer thread for `paced`), hand-written WebSocket
+//! framing, latencies in an HDR histogram, one JSON object on stdout.
+//!
+//! Modes:
+//! - `echo`: closed loop. Each connection sends a message, waits for its echo, repeats.
+//! - `paced`: open loop at a fixed total rate. A pacer thread writes message k at
+//!   `start + k / rate` whatever the answers do, stamping that intended send time into the
+//!   payload; the round trip is measured from the intended time, so a stall shows up in the
+//!   latency of every message it delayed (no coordinated omission).
+//! - `handshake`: each worker repeats connect (+ TLS) + upgrade + one echo + close.
+//! - `idle`: opens N connections (upgrade + one echo each), holds them, and reports how much
+//!   the watched processes' RSS grew per connection.
+//!
+//! Measurement window: everything starts at t0, counting starts at t1 = t0 + warmup and stops
+//! at t2 = t1 + duration. A sampler thread reads the watched processes' CPU time from /proc at
+//! t1 and t2, so CPU per operation covers exactly the operations counted.
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, Write as _};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::task::LocalSet;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+
+use crate::sys::{self, Sample};
+use crate::ws::{self, FrameReader};
+
+/// Longest any single step (connect, handshake, one round trip) may take before the
+/// connection is counted as failed.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After the pacer stops, how long the client waits for the last answers.
+const PACED_DRAIN: Duration = Duration::from_secs(3);
+
+/// Highest latency the histograms track (anything longer is clamped to it).
+const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Echo,
+    Paced,
+    Handshake,
+    Idle,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// ws://HOST:PORT/PATH or wss://HOST:PORT/PATH.
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, value_enum, default_value = "echo")]
+    pub mode: Mode,
+    /// Connections (echo, paced, idle) or concurrent workers (handshake).
+    #[arg(long, default_value_t = 64)]
+    pub conns: usize,
+    /// Message payload in bytes.
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    /// Measured time (echo, paced, handshake).
+    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Unmeasured time before the window.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "1s")]
+    pub warmup: Duration,
+    /// Messages per second over all connections (paced).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// CA certificate (PEM) to trust for wss://.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// TLS server name (SNI and certificate check).
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Processes whose CPU time and RSS are measured (repeat for several, e.g. nginx's
+    /// master and worker).
+    #[arg(long = "watch-pid")]
+    pub watch: Vec<u32>,
+    /// Idle: wait this long after the last connection opened before reading RSS.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "1s")]
+    pub settle: Duration,
+    /// Idle: connections opened at once.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Idle: connections opened and closed before the baseline RSS is read (first-use
+    /// allocations in the proxy are not per-connection costs).
+    #[arg(long, default_value_t = 16)]
+    pub warmup_conns: usize,
+}
+
+pub fn run(opts: Opts) -> anyhow::Result<()> {
+    sys::raise_nofile();
+    let target = Target::new(&opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = LocalSet::new();
+    let result = local.block_on(&rt, async {
+        match opts.mode {
+            Mode::Echo => echo(&opts, &target).await,
+            Mode::Paced => paced(&opts, &target).await,
+            Mode::Handshake => handshake(&opts, &target).await,
+            Mode::Idle => idle(&opts, &target).await,
+        }
+    })?;
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, &result)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Where to connect and how.
+struct Target {
+    addr: SocketAddr,
+    host: String,
+    path: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl Target {
+    fn new(opts: &Opts) -> anyhow::Result<Target> {
+        let (tls, rest) = if let Some(rest) = opts.url.strip_prefix("ws://") {
+            (false, rest)
+        } else if let Some(rest) = opts.url.strip_prefix("wss://") {
+            (true, rest)
+        } else {
+            bail!("--url must start with ws:// or wss://");
+        };
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr = host
+            .to_socket_addrs()
+            .with_context(|| format!("resolve {host}"))?
+            .next()
+            .context("no address")?;
+        let tls = if tls {
+            let ca = opts.ca.as_ref().context("wss:// needs --ca")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)? {
+                roots.add(cert?)?;
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            // Every handshake is a full one, as from distinct clients.
+            config.resumption = rustls::client::Resumption::disabled();
+            let name = ServerName::try_from(opts.server_name.clone())?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Target {
+            addr,
+            host: host.to_owned(),
+            path: path.to_owned(),
+            tls,
+        })
+    }
+
+    /// TCP connect, TLS, WebSocket upgrade.
+    async fn connect(&self, frame_capacity: usize) -> io::Result<(Conn, FrameReader)> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut conn = match &self.tls {
+            None => Conn::Plain(tcp),
+            Some((connector, name)) => {
+                Conn::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
+            }
+        };
+        let early = ws::client_handshake(&mut conn, &self.host, &self.path).await?;
+        Ok((conn, FrameReader::new(early, frame_capacity)))
+    }
+
+    async fn connect_timeout(&self, frame_capacity: usize) -> io::Result<(Conn, FrameReader)> {
+        timeout(STEP_TIMEOUT, self.connect(frame_capacity))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+    }
+}
+
+/// A client connection, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What a run counts, shared by the tasks of one thread.
+struct Tally {
+    hist: RefCell<Histogram<u64>>,
+    ops: Cell<u64>,
+    errors: Cell<u64>,
+    error_samples: RefCell<Vec<String>>,
+}
+
+impl Tally {
+    fn new() -> Rc<Tally> {
+        Rc::new(Tally {
+            hist: RefCell::new(
+                Histogram::new_with_bounds(1_000, MAX_LATENCY_NS, 3).expect("valid bounds"),
+            ),
+            ops: Cell::new(0),
+            errors: Cell::new(0),
+            error_samples: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn record(&self, latency: Duration) {
+        let ns = (latency.as_nanos() as u64).clamp(1_000, MAX_LATENCY_NS);
+        self.hist.borrow_mut().saturating_record(ns);
+        self.ops.set(self.ops.get() + 1);
+    }
+
+    fn error(&self, e: impl std::fmt::Display) {
+        self.errors.set(self.errors.get() + 1);
+        let mut samples = self.error_samples.borrow_mut();
+        if samples.len() < 5 {
+            samples.push(e.to_string());
+        }
+    }
+
+    fn latency_json(&self) -> Value {
+        let h = self.hist.borrow();
+        if h.is_empty() {
+            return Value::Null;
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        json!({
+            "p50": us(h.value_at_quantile(0.50)),
+            "p90": us(h.value_at_quantile(0.90)),
+            "p99": us(h.value_at_quantile(0.99)),
+            "p999": us(h.value_at_quantile(0.999)),
+            "max": us(h.max()),
+            "mean": h.mean() / 1000.0,
+        })
+    }
+}
+
+/// Reads the watched processes at t1 and t2 from its own thread, so a busy event loop cannot
+/// delay the samples.
+struct Sampler {
+    handle: thread::JoinHandle<(Sample, Sample, Duration)>,
+}
+
+impl Sampler {
+    fn start(pids: Vec<u32>, t1: Instant, t2: Instant) -> Sampler {
+        let handle = thread::spawn(move || {
+            sleep_until(t1);
+            let a = sys::sample(&pids);
+            let ta = Instant::now();
+            sleep_until(t2);
+            let b = sys::sample(&pids);
+            (a, b, ta.elapsed())
+        });
+        Sampler { handle }
+    }
+
+    fn finish(self, opts: &Opts, ops: u64) -> Value {
+        let (a, b, window) = self.handle.join().expect("sampler thread");
+        watched_json(opts, a, b, window, ops)
+    }
+}
+
+fn watched_json(opts: &Opts, a: Sample, b: Sample, window: Duration, ops: u64) -> Value {
+    if opts.watch.is_empty() {
+        return Value::Null;
+    }
+    let tck = sys::clk_tck() as f64;
+    let cpu_s = b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / tck;
+    let user_s = b.user_ticks.saturating_sub(a.user_ticks) as f64 / tck;
+    let per_op = |s: f64| {
+        if ops > 0 {
+            Value::from(s * 1e6 / ops as f64)
+        } else {
+            Value::Null
+        }
+    };
+    json!({
+        "pids": opts.watch,
+        "cpu_s": cpu_s,
+        "cpu_user_s": user_s,
+        "cpu_share": cpu_s / window.as_secs_f64(),
+        "cpu_us_per_op": per_op(cpu_s),
+        "user_us_per_op": per_op(user_s),
+        "rss_kib_before": a.rss_kib,
+        "rss_kib_after": b.rss_kib,
+    })
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        thread::sleep(t - now);
+    }
+}
+
+/// A payload whose bytes differ from each other, so a proxy that mangles them is caught.
+fn payload(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i * 31 + 7) as u8).collect()
+}
+
+fn base_json(opts: &Opts, mode: &str) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("mode".into(), mode.into());
+    m.insert("url".into(), opts.url.clone().into());
+    m.insert("conns".into(), opts.conns.into());
+    m.insert("size".into(), opts.size.into());
+    m
+}
+
+async fn connect_all(opts: &Opts, target: &Target) -> anyhow::Result<Vec<(Conn, FrameReader)>> {
+    let mut conns = Vec::with_capacity(opts.conns);
+    for i in 0..opts.conns {
+        let conn = target
+            .connect_timeout(opts.size + 64)
+            .await
+            .with_context(|| format!("connection {i} to {}", opts.url))?;
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
+/// Sends `msg`, reads one frame back and checks it is the same message.
+async fn round_trip(
+    conn: &mut Conn,
+    reader: &mut FrameReader,
+    msg: &[u8],
+    expect: &[u8],
+) -> io::Result<()> {
+    conn.write_all(msg).await?;
+    conn.flush().await?;
+    let frame = reader.read_frame(conn).await?;
+    if frame.opcode != ws::OP_BINARY || reader.payload(&frame) != expect {
+        return Err(io::Error::other(format!(
+            "bad echo: opcode {} length {} (sent {})",
+            frame.opcode,
+            reader.payload(&frame).len(),
+            expect.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Sends a close frame and waits for the server's close and EOF (bounded).
+async fn close(conn: &mut Conn, reader: &mut FrameReader) {
+    let _ = timeout(Duration::from_secs(1), async {
+        let close = ws::client_frame(ws::OP_CLOSE, &1000u16.to_be_bytes());
+        conn.write_all(&close).await?;
+        conn.flush().await?;
+        loop {
+            let frame = reader.read_frame(conn).await?;
+            if frame.opcode == ws::OP_CLOSE {
+                break;
+            }
+        }
+        let mut sink = [0u8; 512];
+        while conn.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+async fn echo(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
+    let conns = connect_all(opts, target).await?;
+    let tally = Tally::new();
+    let t0 = Instant::now();
+    let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
+    let sampler = Sampler::start(opts.watch.clone(), t1, t2);
+    let data = payload(opts.size);
+    let msg = Rc::new(ws::client_frame(ws::OP_BINARY, &data));
+    let data = Rc::new(data);
+    let mut tasks = Vec::new();
+    for (mut conn, mut reader) in conns {
+        let (tally, msg, data) = (tally.clone(), msg.clone(), data.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            loop {
+                let start = Instant::now();
+                if start >= t2 {
+                    break;
+                }
+                match timeout(
+                    STEP_TIMEOUT,
+                    round_trip(&mut conn, &mut reader, &msg, &data),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return tally.error(e),
+                    Err(_) => return tally.error("round trip timed out"),
+                }
+                let end = Instant::now();
+                if end >= t1 && end < t2 {
+                    tally.record(end - start);
+                }
+            }
+            close(&mut conn, &mut reader).await;
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let ops = tally.ops.get();
+    let mut m = base_json(opts, "echo");
+    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
+    m.insert("ops".into(), ops.into());
+    m.insert(
+        "ops_per_s".into(),
+        (ops as f64 / opts.duration.as_secs_f64()).into(),
+    );
+    m.insert("latency_us".into(), tally.latency_json());
+    m.insert("errors".into(), tally.errors.get().into());
+    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
+    m.insert("watched".into(), sampler.finish(opts, ops));
+    Ok(Value::Object(m))
+}
+
+/// Payload of a paced message: intended send time (ns after t0), then filler.
+const PACED_MIN_SIZE: usize = 8;
+
+async fn paced(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
+    if target.tls.is_some() {
+        bail!("paced mode drives plain ws:// only");
+    }
+    if opts.rate == 0 || opts.conns == 0 {
+        bail!("--rate and --conns must be more than zero");
+    }
+    let size = opts.size.max(PACED_MIN_SIZE);
+    let conns = connect_all(opts, target).await?;
+    // Writes come from the pacer thread (a clone of the socket), reads from this thread.
+    let mut writers = Vec::with_capacity(conns.len());
+    let mut readers = Vec::with_capacity(conns.len());
+    for (conn, reader) in conns {
+        let Conn::Plain(tcp) = conn else {
+            unreachable!("plain only")
+        };
+        let std_tcp = tcp.into_std()?;
+        writers.push(std_tcp.try_clone()?);
+        readers.push((TcpStream::from_std(std_tcp)?, reader));
+    }
+    let tally = Tally::new();
+    let received = Rc::new(Cell::new(0u64));
+    let t0 = Instant::now();
+    let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
+    let sampler = Sampler::start(opts.watch.clone(), t1, t2);
+    let w_start = (t1 - t0).as_nanos() as u64;
+    let w_end = (t2 - t0).as_nanos() as u64;
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let pacer_done = Arc::new(AtomicBool::new(false));
+    let pacer = {
+        let (sent, done, rate) = (sent.clone(), pacer_done.clone(), opts.rate);
+        thread::spawn(move || pace(writers, size, rate, t0, t2, &sent, &done))
+    };
+
+    let mut tasks = Vec::new();
+    for (mut stream, mut reader) in readers {
+        let (tally, received) = (tally.clone(), received.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            loop {
+                let frame = match reader.read_frame(&mut stream).await {
+                    Ok(frame) => frame,
+                    Err(e) => return tally.error(e),
+                };
+                let now = Instant::now();
+                let p = reader.payload(&frame);
+                if frame.opcode != ws::OP_BINARY || p.len() != size {
+                    return tally.error(format!("bad echo of {} bytes", p.len()));
+                }
+                let due = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+                received.set(received.get() + 1);
+                if due >= w_start && due < w_end {
+                    let due_at = t0 + Duration::from_nanos(due);
+                    tally.record(now.saturating_duration_since(due_at));
+                }
+            }
+        }));
+    }
+    // Wait for the pacer, then for the last answers (bounded).
+    let drain_deadline = t2 + PACED_DRAIN;
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let done = pacer_done.load(Ordering::Acquire);
+        if done && received.get() >= sent.load(Ordering::Acquire) {
+            break;
+        }
+        if Instant::now() > drain_deadline {
+            break;
+        }
+    }
+    for task in &tasks {
+        task.abort();
+    }
+    let pace_errors = pacer.join().expect("pacer thread");
+    let total_sent = sent.load(Ordering::Acquire);
+    let lost = total_sent.saturating_sub(received.get());
+    let ops = tally.ops.get();
+    let mut m = base_json(opts, "paced");
+    m.insert("size".into(), size.into());
+    m.insert("rate".into(), opts.rate.into());
+    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
+    m.insert("ops".into(), ops.into());
+    m.insert(
+        "ops_per_s".into(),
+        (ops as f64 / opts.duration.as_secs_f64()).into(),
+    );
+    m.insert("sent".into(), total_sent.into());
+    m.insert("lost".into(), lost.into());
+    m.insert("latency_us".into(), tally.latency_json());
+    m.insert("errors".into(), (tally.errors.get() + pace_errors).into());
+    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
+    m.insert("watched".into(), sampler.finish(opts, ops));
+    Ok(Value::Object(m))
+}
+
+/// The pacer: message k goes out at t0 + k/rate on connection k mod N. Returns write errors.
+fn pace(
+    mut writers: Vec<std::net::TcpStream>,
+    size: usize,
+    rate: u64,
+    t0: Instant,
+    t2: Instant,
+    sent: &AtomicU64,
+    done: &AtomicBool,
+) -> u64 {
+    sys::precise_timers();
+    let filler = payload(size);
+    let mut frame = Vec::with_capacity(size + 14);
+    let mut errors = 0;
+    let mut k: u64 = 0;
+    let n = writers.len() as u64;
+    loop {
+        let due_ns = k * 1_000_000_000 / rate;
+        let due = t0 + Duration::from_nanos(due_ns);
+        if due >= t2 {
+            break;
+        }
+        sleep_until(due);
+        let mut body = filler.clone();
+        body[..8].copy_from_slice(&due_ns.to_le_bytes());
+        frame.clear();
+        ws::put_head(
+            &mut frame,
+            true,
+            ws::OP_BINARY,
+            size as u64,
+            Some(ws::CLIENT_MASK),
+        );
+        let at = frame.len();
+        frame.extend_from_slice(&body);
+        ws::apply_mask(&mut frame[at..], ws::CLIENT_MASK, 0);
+        if write_fully(&mut writers[(k % n) as usize], &frame, t2 + PACED_DRAIN).is_err() {
+            errors += 1;
+        } else {
+            sent.fetch_add(1, Ordering::Release);
+        }
+        k += 1;
+    }
+    done.store(true, Ordering::Release);
+    errors
+}
+
+/// Writes all of `buf` to a non-blocking socket, waiting out a full send buffer (a stalled
+/// proxy) until `deadline`.
+fn write_fully(s: &mut std::net::TcpStream, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(e);
+                }
+                thread::sleep(Duration::from_micros(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn handshake(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
+    let target = Rc::new(Target {
+        addr: target.addr,
+        host: target.host.clone(),
+        path: target.path.clone(),
+        tls: target.tls.clone(),
+    });
+    let tally = Tally::new();
+    let t0 = Instant::now();
+    let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
+    let sampler = Sampler::start(opts.watch.clone(), t1, t2);
+    let data = Rc::new(payload(opts.size));
+    let msg = Rc::new(ws::client_frame(ws::OP_BINARY, &data));
+    let mut tasks = Vec::new();
+    for _ in 0..opts.conns {
+        let (tally, target, msg, data) = (tally.clone(), target.clone(), msg.clone(), data.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            loop {
+                let start = Instant::now();
+                if start >= t2 {
+                    break;
+                }
+                let cycle = async {
+                    let (mut conn, mut reader) = target.connect(data.len() + 64).await?;
+                    round_trip(&mut conn, &mut reader, &msg, &data).await?;
+                    close(&mut conn, &mut reader).await;
+                    io::Result::Ok(())
+                };
+                let result = timeout(STEP_TIMEOUT, cycle).await;
+                let end = Instant::now();
+                match result {
+                    Ok(Ok(())) => {
+                        if end >= t1 && end < t2 {
+                            tally.record(end - start);
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tally.error(e);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(_) => tally.error("handshake cycle timed out"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let ops = tally.ops.get();
+    let mut m = base_json(opts, "handshake");
+    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
+    m.insert("ops".into(), ops.into());
+    m.insert(
+        "ops_per_s".into(),
+        (ops as f64 / opts.duration.as_secs_f64()).into(),
+    );
+    m.insert("latency_us".into(), tally.latency_json());
+    m.insert("errors".into(), tally.errors.get().into());
+    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
+    m.insert("watched".into(), sampler.finish(opts, ops));
+    Ok(Value::Object(m))
+}
+
+async fn idle(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
+    let data = payload(opts.size);
+    let msg = ws::client_frame(ws::OP_BINARY, &data);
+    // Warm-up: first-use allocations (TLS contexts, pools, metric series) are not per connection.
+    for _ in 0..opts.warmup_conns {
+        let (mut conn, mut reader) = target.connect_timeout(opts.size + 64).await?;
+        round_trip(&mut conn, &mut reader, &msg, &data).await?;
+        close(&mut conn, &mut reader).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sys::sample(&opts.watch);
+
+    let started = Instant::now();
+    let held: Rc<RefCell<Vec<(Conn, FrameReader)>>> =
+        Rc::new(RefCell::new(Vec::with_capacity(opts.conns)));
+    let tally = Tally::new();
+    let next = Rc::new(Cell::new(0usize));
+    let (target_rc, msg, data) = (
+        Rc::new(Target {
+            addr: target.addr,
+            host: target.host.clone(),
+            path: target.path.clone(),
+            tls: target.tls.clone(),
+        }),
+        Rc::new(msg),
+        Rc::new(data),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..opts.connect_concurrency.max(1) {
+        let (held, tally, next, target, msg, data) = (
+            held.clone(),
+            tally.clone(),
+            next.clone(),
+            target_rc.clone(),
+            msg.clone(),
+            data.clone(),
+        );
+        let total = opts.conns;
+        tasks.push(tokio::task::spawn_local(async move {
+            while next.get() < total {
+                next.set(next.get() + 1);
+                let t = Instant::now();
+                let opened = async {
+                    let (mut conn, mut reader) = target.connect(data.len() + 64).await?;
+                    round_trip(&mut conn, &mut reader, &msg, &data).await?;
+                    io::Result::Ok((conn, reader))
+                };
+                match timeout(STEP_TIMEOUT, opened).await {
+                    Ok(Ok(pair)) => {
+                        tally.record(t.elapsed());
+                        held.borrow_mut().push(pair);
+                    }
+                    Ok(Err(e)) => tally.error(e),
+                    Err(_) => tally.error("open timed out"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(opts.settle).await;
+    let after = sys::sample(&opts.watch);
+    let opened = held.borrow().len();
+
+    let mut m = base_json(opts, "idle");
+    m.insert("opened".into(), opened.into());
+    m.insert("connect_s".into(), connect_s.into());
+    m.insert("open_latency_us".into(), tally.latency_json());
+    m.insert("errors".into(), tally.errors.get().into());
+    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
+    if !opts.watch.is_empty() {
+        let growth = after.rss_kib as f64 - before.rss_kib as f64;
+        m.insert(
+            "watched".into(),
+            json!({
+                "pids": opts.watch,
+                "rss_kib_before": before.rss_kib,
+                "rss_kib_after": after.rss_kib,
+                "rss_growth_kib_per_conn": if opened > 0 { Value::from(growth / opened as f64) } else { Value::Null },
+            }),
+        );
+    } else {
+        m.insert("watched".into(), Value::Null);
+    }
+    // Dropping the connections closes them; the proxy is restarted before its next idle run.
+    held.borrow_mut().clear();
+    Ok(Value::Object(m))
+}

@@ -1,0 +1,129 @@
+//! What the harness asks Linux: CPU time and RSS of a process from /proc, the open-file
+//! limit, timer slack.
+
+use std::fs;
+use std::io;
+
+/// Sets the soft open-file limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
+/// Clock ticks per second, the unit of utime and stime in /proc/PID/stat.
+pub fn clk_tck() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Asks for precise sleeps (the default slack lets a sleep end up to 50 µs late).
+pub fn precise_timers() {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Fields of /proc/PID/stat after the command name: [0] is field 3 (state).
+fn stat_fields(pid: u32) -> io::Result<Vec<String>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or_else(|| io::Error::other("malformed /proc stat"))?;
+    Ok(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// (utime, stime) of a process, all its threads (live and exited) included, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> io::Result<(u64, u64)> {
+    let f = stat_fields(pid)?;
+    let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok((utime, stime))
+}
+
+/// Resident set size (VmRSS) in KiB.
+pub fn rss_kib(pid: u32) -> io::Result<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("VmRSS:") {
+            let kib = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .map_err(io::Error::other)?;
+            return Ok(kib);
+        }
+    }
+    Err(io::Error::other("no VmRSS line"))
+}
+
+/// Direct children of `pid` (nginx's worker under its master).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(f) = stat_fields(child) {
+            if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+                out.push(child);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// CPU and memory of a set of processes at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// utime + stime.
+    pub cpu_ticks: u64,
+    /// utime alone: the part a proxy's own code can change (the rest is the kernel's TCP).
+    pub user_ticks: u64,
+    pub rss_kib: u64,
+}
+
+/// Sums [`cpu_ticks`] and [`rss_kib`] over `pids` (processes that vanished count as zero).
+pub fn sample(pids: &[u32]) -> Sample {
+    let mut s = Sample::default();
+    for &pid in pids {
+        let (user, system) = cpu_ticks(pid).unwrap_or((0, 0));
+        s.cpu_ticks += user + system;
+        s.user_ticks += user;
+        s.rss_kib += rss_kib(pid).unwrap_or(0);
+    }
+    s
+}
