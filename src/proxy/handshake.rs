@@ -206,7 +206,8 @@ pub async fn forward(
                 return;
             }
         };
-        ws::relay(client, upstream, settings, record, &tracked.connections).await;
+        let tunnel = ws::tunnel(client, upstream, settings, record.clone());
+        ws::run(tunnel, record, &tracked.connections).await;
     });
 
     let (parts, _) = response.into_parts();

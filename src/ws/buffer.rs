@@ -13,7 +13,7 @@ pub const RELAY_BUF_SIZE: usize = 32 * 1024;
 
 /// Free buffers kept per worker thread; beyond this they go back to the allocator, so
 /// a traffic burst does not pin memory forever.
-const MAX_FREE_PER_THREAD: usize = 64;
+const MAX_FREE_PER_THREAD: usize = 16;
 
 thread_local! {
     static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };

@@ -50,15 +50,15 @@ where
         };
         let (client, early) = super::client_io(upgraded);
         let (tunnel_side, echo_side) = tokio::io::duplex(PIPE_CAPACITY);
-        let tunnel = super::relay_to(
+        let tunnel = super::tunnel_to(
             client,
             early,
             tunnel_side,
             Bytes::new(),
             settings,
-            record,
-            &tracked.connections,
+            record.clone(),
         );
+        let tunnel = super::run(tunnel, record, &tracked.connections);
         let echo = async {
             if let Err(e) = echo(echo_side).await {
                 debug!(error = %e, "echo loop ended");

@@ -9,6 +9,8 @@ pub mod keepalive;
 pub mod record;
 pub mod tunnel;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -74,102 +76,93 @@ pub fn new_record(
     ))
 }
 
-/// Relays an upgraded client connection to an upgraded upstream connection.
-pub async fn relay(
+/// A tunnel ready to run. Boxed once, at its exact size: the task that runs it then stays
+/// a few words, where nesting the relay's generic futures inline would roughly double what
+/// every idle connection carries.
+pub type BoxedTunnel = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// The tunnel between an upgraded client connection and an upgraded upstream connection.
+pub fn tunnel(
     client: Upgraded,
     upstream: Upgraded,
     settings: TunnelSettings,
     record: Arc<ConnRecord>,
-    connections: &Connections,
-) {
-    let (upstream, upstream_early) = match upstream.downcast::<TokioIo<UpstreamStream>>() {
-        Ok(parts) => (Ok(parts.io.into_inner()), parts.read_buf),
-        Err(upgraded) => (Err(TokioIo::new(upgraded)), Bytes::new()),
-    };
+) -> BoxedTunnel {
     let (client, client_early) = client_io(client);
-    match upstream {
-        Ok(tcp) => {
-            let args = (client, client_early, tcp, upstream_early);
-            relay_to(
-                args.0,
-                args.1,
-                args.2,
-                args.3,
+    match upstream.downcast::<TokioIo<UpstreamStream>>() {
+        Ok(parts) => {
+            let upstream = parts.io.into_inner();
+            tunnel_to(
+                client,
+                client_early,
+                upstream,
+                parts.read_buf,
                 settings,
                 record,
-                connections,
             )
-            .await
         }
-        Err(other) => {
-            let args = (client, client_early, other, upstream_early);
-            relay_to(
-                args.0,
-                args.1,
-                args.2,
-                args.3,
+        Err(upgraded) => {
+            let upstream = TokioIo::new(upgraded);
+            tunnel_to(
+                client,
+                client_early,
+                upstream,
+                Bytes::new(),
                 settings,
                 record,
-                connections,
             )
-            .await
         }
     }
 }
 
-/// Runs the tunnel between any client connection and an upstream stream: registered
-/// and counted while it lives, logged and counted when it ends.
-pub async fn relay_to<U>(
+/// The tunnel between a client connection and any upstream stream. The early bytes (read
+/// past the handshake) are copied into the relay's buffer at once: they are slices of hyper's
+/// read buffers, which would otherwise stay allocated for the life of the connection.
+pub fn tunnel_to<U>(
     client: ClientIo,
     client_early: Bytes,
     upstream: U,
     upstream_early: Bytes,
     settings: TunnelSettings,
     record: Arc<ConnRecord>,
-    connections: &Connections,
-) where
-    U: AsyncRead + AsyncWrite + Unpin,
+) -> BoxedTunnel
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    match client {
+        ClientIo::Plain(c) => Box::pin(Tunnel::new(
+            c,
+            client_early,
+            upstream,
+            upstream_early,
+            settings,
+            record,
+        )),
+        ClientIo::Tls(c) => Box::pin(Tunnel::new(
+            c,
+            client_early,
+            upstream,
+            upstream_early,
+            settings,
+            record,
+        )),
+        ClientIo::Other(c) => Box::pin(Tunnel::new(
+            c,
+            client_early,
+            upstream,
+            upstream_early,
+            settings,
+            record,
+        )),
+    }
+}
+
+/// Runs a tunnel: registered and counted while it lives, logged and counted when it ends.
+pub async fn run(tunnel: BoxedTunnel, record: Arc<ConnRecord>, connections: &Connections) {
     let _registered = connections.register(record.clone());
-    let metrics = record.metrics.clone();
+    let metrics = &record.metrics;
     metrics.connections_active.inc();
-    // The early bytes are copied into the relay's buffer at once: they are slices of hyper's
-    // read buffers, which would otherwise stay allocated for the life of the connection.
-    let outcome = match client {
-        ClientIo::Plain(c) => {
-            Tunnel::new(
-                c,
-                client_early,
-                upstream,
-                upstream_early,
-                settings,
-                record.clone(),
-            )
-            .await
-        }
-        ClientIo::Tls(c) => {
-            Tunnel::new(
-                c,
-                client_early,
-                upstream,
-                upstream_early,
-                settings,
-                record.clone(),
-            )
-            .await
-        }
-        ClientIo::Other(c) => {
-            Tunnel::new(
-                c,
-                client_early,
-                upstream,
-                upstream_early,
-                settings,
-                record.clone(),
-            )
-            .await
-        }
-    };
+    let outcome = tunnel.await;
     metrics
         .connection_duration
         .observe(record.started.elapsed().as_secs_f64());
