@@ -69,8 +69,10 @@ pub fn validate<B>(req: &Request<B>, route: &Route) -> Result<HeaderValue, Proxy
         (None, _) => return Err(ProxyError::BadHandshake("Sec-WebSocket-Key is missing")),
         _ => return Err(ProxyError::BadHandshake("Sec-WebSocket-Key is repeated")),
     };
-    match BASE64.decode(key.as_bytes().trim_ascii()) {
-        Ok(raw) if raw.len() == 16 => {}
+    // 16 bytes are 24 base64 characters; room for 18 lets a longer key fail as too long.
+    let mut raw = [0u8; 18];
+    match BASE64.decode_slice(key.as_bytes().trim_ascii(), &mut raw) {
+        Ok(16) => {}
         _ => {
             return Err(ProxyError::BadHandshake(
                 "Sec-WebSocket-Key must be 16 bytes in base64",

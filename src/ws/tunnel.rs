@@ -1082,8 +1082,17 @@ where
                     this.c2u.buf = None;
                     this.u2c.buf = None;
                     this.flush_record();
-                    this.linger_until = Some(Instant::now() + LINGER);
-                    this.phase = Phase::ShuttingDown;
+                    // Both peers finished with a close frame or EOF: nothing unread is left,
+                    // so dropping the sockets sends a plain FIN. Otherwise input may still
+                    // arrive, and closing over it would send a reset that can destroy the
+                    // close frame just written: shut down and read what is left first.
+                    let finished = |h: &Half| h.src_close.is_some() || h.src_eof;
+                    this.phase = if finished(&this.c2u) && finished(&this.u2c) {
+                        Phase::Done
+                    } else {
+                        this.linger_until = Some(Instant::now() + LINGER);
+                        Phase::ShuttingDown
+                    };
                 }
                 Phase::ShuttingDown => {
                     let until = this.linger_until.unwrap_or_else(Instant::now);
