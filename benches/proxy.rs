@@ -1,4 +1,4 @@
-//! The proxy benchmark (issue 5): wsgate against nginx, HAProxy and a direct connection, in
+//! The proxy benchmark: wsgate against nginx, HAProxy and a direct connection, in
 //! one run, on one machine. `cargo bench --bench proxy -- all` (or `benches/run.sh`, which
 //! also installs the peers and builds wsgate) runs everything; docs/performance.md explains
 //! what is measured and shows the latest results.

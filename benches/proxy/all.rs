@@ -35,13 +35,13 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// A load run may overrun its planned time by this much before it is killed.
 const LOAD_SLACK: Duration = Duration::from_secs(60);
 
-/// Connections of the closed-loop and paced workloads (the 64).
+/// Connections of the closed-loop and paced workloads (the targets' 64).
 const ECHO_CONNS: usize = 64;
 
-/// Concurrent handshakers (the 16).
+/// Concurrent handshakers (the targets' 16).
 const HANDSHAKE_WORKERS: usize = 16;
 
-/// Paced rate over all connections (the 10,000 msgs/s).
+/// Paced rate over all connections (the targets' 10,000 msgs/s).
 const PACED_RATE: u64 = 10_000;
 
 #[derive(clap::Args, Debug, Clone)]

@@ -1,4 +1,4 @@
-//! Turns the raw results into the markdown table, the issue's acceptance targets,
+//! Turns the raw results into the markdown table, the performance targets,
 //! results.json and the SVG chart of ratios to nginx.
 
 use std::fmt::Write as _;
@@ -266,7 +266,7 @@ fn cell(w: &WorkloadResult, target: &str, metric: &Metric) -> String {
     out
 }
 
-/// One acceptance target of the issue, evaluated on this run.
+/// One performance target, evaluated on this run.
 struct Check {
     what: String,
     /// Workload id and metric name of the row this target is about.
@@ -510,7 +510,7 @@ pub fn markdown(run: &RunResults) -> String {
     }
     let checks = checks(run);
     if !checks.is_empty() {
-        s.push_str("\n| target (issue 5) | wsgate | bar | result |\n| --- | --- | --- | --- |\n");
+        s.push_str("\n| target | wsgate | bar | result |\n| --- | --- | --- | --- |\n");
         for c in &checks {
             let v = c
                 .value
@@ -678,7 +678,7 @@ fn xml(s: &str) -> String {
 }
 
 /// Bars of how many times better than nginx each target is, per metric (1.0 = nginx; for
-/// throughput x / nginx, for latency, CPU and memory nginx / x), with the issue's target
+/// throughput x / nginx, for latency, CPU and memory nginx / x), with the performance target
 /// for wsgate as a red tick.
 pub fn svg(run: &RunResults) -> String {
     struct Group {
@@ -717,7 +717,7 @@ pub fn svg(run: &RunResults) -> String {
             } else {
                 ""
             };
-            // The issue's target for this row, if any, as a better-than-nginx factor.
+            // The performance target for this row, if any, as a better-than-nginx factor.
             let target = checks
                 .iter()
                 .find(|c| c.workload == w.id && c.metric == m.name)
@@ -770,7 +770,7 @@ pub fn svg(run: &RunResults) -> String {
             let tx = x0 + (tf.min(x_max) / x_max) * plot_w;
             let _ = writeln!(
                 body,
-                r#"<line x1="{tx:.1}" x2="{tx:.1}" y1="{:.1}" y2="{:.1}" class="target"><title>issue target for wsgate: {tf:.2}× nginx</title></line>"#,
+                r#"<line x1="{tx:.1}" x2="{tx:.1}" y1="{:.1}" y2="{:.1}" class="target"><title>target for wsgate: {tf:.2}× nginx</title></line>"#,
                 y - 2.0,
                 y + h
             );
@@ -826,7 +826,7 @@ pub fn svg(run: &RunResults) -> String {
     lx += 80.0;
     let _ = writeln!(
         s,
-        r#"<line x1="{lx}" x2="{lx}" y1="49" y2="61" class="target"/><text x="{}" y="59" class="label">issue target (wsgate)</text>"#,
+        r#"<line x1="{lx}" x2="{lx}" y1="49" y2="61" class="target"/><text x="{}" y="59" class="label">target (wsgate)</text>"#,
         lx + 6.0
     );
     // Grid and axis.
