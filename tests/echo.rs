@@ -156,3 +156,22 @@ async fn plain_get_is_told_to_upgrade() {
         "a 426 must say which protocol to upgrade to"
     );
 }
+
+#[tokio::test]
+async fn rsv_bits_without_an_extension_are_a_protocol_error() {
+    let dir = TestDir::new();
+    let proxy = echo_proxy(&dir).await;
+    let mut client = wsraw::connect(proxy.addr("public"), "/echo").await;
+    // RSV1 on a text frame: nothing was negotiated on the builtin echo to give it a meaning.
+    client
+        .send(&encode(
+            true,
+            0b100,
+            op::TEXT,
+            b"compressed?",
+            Some(random_mask()),
+        ))
+        .await;
+    let close = client.frame("the close for RSV bits").await;
+    assert_eq!(close.close(), (1002, "protocol error".to_string()));
+}

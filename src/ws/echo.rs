@@ -114,6 +114,12 @@ where
                 }
             };
             let header_len = header.header_len as usize;
+            if header.rsv != 0 {
+                // The echo negotiates no extension, so RSV bits are a protocol error (RFC 6455 §5.2).
+                let mut payload = [0u8; 125];
+                let n = codec::close_payload(1002, "protocol error", &mut payload);
+                return write_control(&mut io, OpCode::Close, &payload[..n]).await;
+            }
             if header.opcode.is_control() {
                 let total = header_len + header.payload_len as usize;
                 if len - pos < total {
