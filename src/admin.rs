@@ -226,17 +226,17 @@ struct ConnectionView<'a> {
 
 impl<'a> ConnectionView<'a> {
     fn of(r: &'a ConnRecord) -> Self {
-        let age = r.started.elapsed().as_secs_f64();
+        let age = r.identity.started.elapsed().as_secs_f64();
         let last = r.last_activity_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         ConnectionView {
-            id: r.id,
-            client: r.client.to_string(),
-            listener: &r.listener,
-            route: &r.route,
-            upstream: r.upstream.as_deref(),
-            server: r.server.as_deref(),
-            http_version: r.http_version,
-            subprotocol: r.subprotocol.as_deref(),
+            id: r.identity.id,
+            client: r.identity.client.to_string(),
+            listener: &r.identity.listener,
+            route: &r.identity.route,
+            upstream: r.identity.upstream.as_deref(),
+            server: r.identity.server.as_deref(),
+            http_version: r.identity.http_version,
+            subprotocol: r.identity.subprotocol.as_deref(),
             age_seconds: age,
             idle_seconds: (age - last).max(0.0),
             bytes_client_to_upstream: r.client_to_upstream.bytes.load(Ordering::Relaxed),

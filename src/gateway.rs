@@ -130,7 +130,7 @@ pub struct Connections {
 impl Connections {
     /// Adds a connection until the returned guard is dropped.
     pub fn register(&self, record: Arc<ConnRecord>) -> Registered<'_> {
-        let id = record.id;
+        let id = record.identity.id;
         self.lock().insert(id, record);
         Registered {
             connections: self,
@@ -145,7 +145,7 @@ impl Connections {
     /// A snapshot of every live connection, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
         let mut all: Vec<_> = self.lock().values().cloned().collect();
-        all.sort_by_key(|r| r.id);
+        all.sort_by_key(|r| r.identity.id);
         all
     }
 

@@ -192,7 +192,7 @@ pub async fn forward(
         subprotocol,
     );
     let settings = TunnelSettings::new(timeouts, &shared.gateway.load().limits);
-    debug!(id = record.id, route = %route.name, server = %server.label, "upgraded");
+    debug!(id = record.identity.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
         let (_active, _permit) = (active, permit);
@@ -200,7 +200,7 @@ pub async fn forward(
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
                 debug!(
-                    id = record.id,
+                    id = record.identity.id,
                     client_ok = c.is_ok(),
                     upstream_ok = u.is_ok(),
                     "upgrade did not complete"

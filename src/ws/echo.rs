@@ -44,7 +44,7 @@ where
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
-                debug!(id = record.id, error = %e, "upgrade did not complete");
+                debug!(id = record.identity.id, error = %e, "upgrade did not complete");
                 return;
             }
         };

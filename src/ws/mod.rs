@@ -165,7 +165,7 @@ pub async fn run(tunnel: BoxedTunnel, record: Arc<ConnRecord>, connections: &Con
     let outcome = tunnel.await;
     metrics
         .connection_duration
-        .observe(record.started.elapsed().as_secs_f64());
+        .observe(record.identity.started.elapsed().as_secs_f64());
     metrics.closed(outcome.initiator, outcome.code);
     metrics.pong_timeouts.inc_by(outcome.pong_timeouts);
     metrics.idle_timeouts.inc_by(outcome.idle_timeouts);
@@ -178,13 +178,13 @@ fn access_log(record: &ConnRecord, outcome: &Outcome) {
     let frames = |counts: &tunnel::OpcodeCounts| counts.iter().sum::<u64>();
     info!(
         target: "wsgate::access",
-        id = record.id,
-        client = %record.client,
-        listener = %record.listener,
-        route = %record.route,
-        upstream = record.upstream.as_deref().unwrap_or("-"),
-        server = record.server.as_deref().unwrap_or("-"),
-        duration_ms = record.started.elapsed().as_millis() as u64,
+        id = record.identity.id,
+        client = %record.identity.client,
+        listener = %record.identity.listener,
+        route = %record.identity.route,
+        upstream = record.identity.upstream.as_deref().unwrap_or("-"),
+        server = record.identity.server.as_deref().unwrap_or("-"),
+        duration_ms = record.identity.started.elapsed().as_millis() as u64,
         bytes_client_to_upstream = outcome.bytes_client_to_upstream,
         bytes_upstream_to_client = outcome.bytes_upstream_to_client,
         frames_client_to_upstream = frames(&outcome.client_to_upstream),

@@ -56,20 +56,12 @@ pub struct DirectionStats {
 /// The shared record of one live connection.
 #[derive(Debug)]
 pub struct ConnRecord {
-    pub id: u64,
-    pub client: SocketAddr,
-    pub listener: Arc<str>,
-    pub route: Arc<str>,
-    pub upstream: Option<Arc<str>>,
-    pub server: Option<Arc<str>>,
-    pub http_version: &'static str,
-    pub subprotocol: Option<String>,
-    pub started: Instant,
+    pub identity: Identity,
     /// The route's metric handles, bumped by the relay as it flushes its counters.
     pub metrics: Arc<RouteMetrics>,
     pub client_to_upstream: DirectionStats,
     pub upstream_to_client: DirectionStats,
-    /// Milliseconds since `started` at the last frame seen either way.
+    /// Milliseconds since `identity.started` at the last frame seen either way.
     pub last_activity_ms: AtomicU64,
     /// Round trip of the last answered keepalive ping, in microseconds; `u64::MAX` = none yet.
     pub ping_rtt_us: AtomicU64,
@@ -103,27 +95,8 @@ pub struct Identity {
 
 impl ConnRecord {
     pub fn new(identity: Identity, metrics: Arc<RouteMetrics>) -> Self {
-        let Identity {
-            id,
-            client,
-            listener,
-            route,
-            upstream,
-            server,
-            http_version,
-            subprotocol,
-            started,
-        } = identity;
         ConnRecord {
-            id,
-            client,
-            listener,
-            route,
-            upstream,
-            server,
-            http_version,
-            subprotocol,
-            started,
+            identity,
             metrics,
             client_to_upstream: DirectionStats::default(),
             upstream_to_client: DirectionStats::default(),
