@@ -28,6 +28,8 @@ pub enum ProxyError {
     OriginNotAllowed(String),
     #[error("too many WebSocket connections: {0}")]
     Limited(crate::limits::Refusal),
+    #[error("upstream {upstream:?} has no healthy server")]
+    NoHealthyUpstream { upstream: String },
     #[error("upstream {upstream:?} refused the connection: {reason}")]
     UpstreamConnect { upstream: String, reason: String },
     #[error("upstream {upstream:?} did not accept the connection within {timeout_ms} ms")]
@@ -53,7 +55,9 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::Limited(Refusal::MaxConnections) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Limited(Refusal::MaxConnections) | ProxyError::NoHealthyUpstream { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -67,6 +71,7 @@ impl ProxyError {
             | ProxyError::OriginNotAllowed(_)
             | ProxyError::Limited(_) => Blame::Client,
             ProxyError::UpstreamConnect { .. }
+            | ProxyError::NoHealthyUpstream { .. }
             | ProxyError::UpstreamConnectTimeout { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Blame::Upstream,

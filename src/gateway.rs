@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
@@ -35,6 +35,9 @@ pub struct Gateway {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Stops this generation's health checks when the gateway is dropped (after a reload,
+    /// once the last request holding it is done).
+    _health_checks: DropGuard,
 }
 
 impl Gateway {
@@ -57,11 +60,18 @@ impl Gateway {
             };
             (r.host.clone(), r.path.clone(), Arc::new(route))
         });
+        let stop = CancellationToken::new();
+        for upstream in upstreams.values() {
+            if let Some(check) = &upstream.health {
+                crate::upstream::health::spawn_checks(upstream, check, &stop);
+            }
+        }
         Gateway {
             router: Router::new(routes),
             upstreams,
             timeouts: config.timeouts,
             limits: config.limits,
+            _health_checks: stop.drop_guard(),
         }
     }
 }

@@ -234,3 +234,86 @@ upstream = "by_user"
         "twelve users should not all hash to one of three servers"
     );
 }
+
+/// Polls the admin `/metrics` until `line` appears (as a whole line), within the usual bound.
+async fn wait_for_metric(admin: std::net::SocketAddr, line: &str) {
+    within(&format!("metrics to show {line}"), async {
+        loop {
+            let mut client = HttpClient::connect(admin).await;
+            let response = client.get("admin", "/metrics", &[]).await;
+            let text = String::from_utf8_lossy(response.body()).into_owned();
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_checks_take_a_failing_server_out_and_none_left_is_503() {
+    let dir = TestDir::new();
+    let good = spawn_http_upstream().await;
+    let sick = support::upstreams::spawn_raw_upstream(support::upstreams::answer_status(
+        "500 Internal Server Error",
+        &[],
+        "sick",
+    ))
+    .await;
+    let health = r#"health = { path = "/healthz", interval = "50ms", timeout = "1s", unhealthy_after = 2, healthy_after = 1 }"#;
+    let proxy = spawn_proxy(
+        &format!(
+            r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.mixed]
+servers = ["{good}", "{sick}"]
+{health}
+[upstreams.only_sick]
+servers = ["{sick}"]
+{health}
+[routes.mixed]
+path = "/mixed"
+upstream = "mixed"
+[routes.only_sick]
+path = "/sick"
+upstream = "only_sick"
+"#,
+            good = good.addr,
+            sick = sick.addr,
+        ),
+        &dir,
+    )
+    .await;
+    let sick_label = sick.addr.to_string();
+    wait_for_metric(
+        proxy.admin(),
+        &format!("wsgate_upstream_healthy{{server=\"{sick_label}\",upstream=\"mixed\"}} 0"),
+    )
+    .await;
+    wait_for_metric(
+        proxy.admin(),
+        &format!("wsgate_upstream_healthy{{server=\"{sick_label}\",upstream=\"only_sick\"}} 0"),
+    )
+    .await;
+    wait_for_metric(
+        proxy.admin(),
+        &format!(
+            "wsgate_upstream_healthy{{server=\"{}\",upstream=\"mixed\"}} 1",
+            good.addr
+        ),
+    )
+    .await;
+
+    let mut client = HttpClient::connect(proxy.addr("public")).await;
+    for _ in 0..6 {
+        let response = client.get("a.test", "/mixed", &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-server"].to_str().unwrap(), good.id());
+    }
+    let response = client.get("a.test", "/sick", &[]).await;
+    assert_eq!(response.status(), 503);
+    let body = String::from_utf8_lossy(response.body()).into_owned();
+    assert!(body.contains("no healthy server"), "{body}");
+}

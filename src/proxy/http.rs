@@ -74,9 +74,8 @@ pub fn connect_failure(upstream: &Upstream, last: Option<ConnectError>) -> Proxy
             upstream: upstream.name.to_string(),
             reason: e.to_string(),
         },
-        None => ProxyError::UpstreamConnect {
+        None => ProxyError::NoHealthyUpstream {
             upstream: upstream.name.to_string(),
-            reason: "the pool has no servers".to_string(),
         },
     }
 }

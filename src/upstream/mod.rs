@@ -2,6 +2,7 @@
 //! opened (with a timeout, falling over to the next server) and the idle HTTP/1.1
 //! connections kept for reuse.
 
+pub mod health;
 mod pool;
 mod stream;
 
@@ -32,6 +33,8 @@ pub struct Upstream {
     next: AtomicUsize,
     /// Set when the servers speak TLS.
     tls: Option<UpstreamTlsContext>,
+    /// Active health checks, when configured.
+    pub health: Option<crate::config::HealthCheck>,
 }
 
 /// One server of a pool.
@@ -46,6 +49,8 @@ pub struct Server {
     active_gauge: IntGauge,
     /// `wsgate_upstream_healthy` for this server.
     pub healthy_gauge: IntGauge,
+    /// Cleared by health checks; an unhealthy server is skipped by every balancing mode.
+    healthy: std::sync::atomic::AtomicBool,
     upstream_name: Arc<str>,
     metrics: Arc<Metrics>,
     idle: pool::IdlePool,
@@ -78,6 +83,7 @@ impl Upstream {
                         active: AtomicU64::new(0),
                         active_gauge,
                         healthy_gauge,
+                        healthy: std::sync::atomic::AtomicBool::new(true),
                         upstream_name: name.clone(),
                         metrics: metrics.clone(),
                         idle: pool::IdlePool::default(),
@@ -88,12 +94,20 @@ impl Upstream {
             balance: config.balance.clone(),
             next: AtomicUsize::new(0),
             tls: config.tls.as_ref().map(UpstreamTlsContext::new),
+            health: config.health.clone(),
         }
     }
 
     /// The servers in the order to try them: the balancer's pick first, then the others,
     /// so a failed connect falls over to the next server.
+    /// Servers marked unhealthy are left out; an empty list means none is healthy.
     pub fn attempt_order(&self, client: IpAddr, headers: &HeaderMap) -> Vec<&Arc<Server>> {
+        let mut order = self.balanced_order(client, headers);
+        order.retain(|s| s.is_healthy());
+        order
+    }
+
+    fn balanced_order(&self, client: IpAddr, headers: &HeaderMap) -> Vec<&Arc<Server>> {
         let n = self.servers.len();
         let mut order: Vec<&Arc<Server>> = Vec::with_capacity(n);
         let hash_key = match &self.balance {
