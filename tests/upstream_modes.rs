@@ -317,3 +317,74 @@ upstream = "only_sick"
     let body = String::from_utf8_lossy(response.body()).into_owned();
     assert!(body.contains("no healthy server"), "{body}");
 }
+
+#[tokio::test]
+async fn cookie_balancing_sticks_to_the_server_that_set_the_cookie() {
+    use support::upstreams::{answer_status, spawn_raw_upstream};
+    let dir = TestDir::new();
+    let mut a = spawn_raw_upstream(answer_status(
+        "200 OK",
+        &[
+            ("Set-Cookie", "io=sess-a; Path=/"),
+            ("x-server", "a"),
+            ("Connection", "close"),
+        ],
+        "a",
+    ))
+    .await;
+    let mut b = spawn_raw_upstream(answer_status(
+        "200 OK",
+        &[
+            ("Set-Cookie", "io=sess-b; Path=/"),
+            ("x-server", "b"),
+            ("Connection", "close"),
+        ],
+        "b",
+    ))
+    .await;
+    let proxy = spawn_proxy(
+        &format!(
+            r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.app]
+servers = ["{}", "{}"]
+balance = "cookie:io"
+[routes.app]
+path = "/"
+upstream = "app"
+"#,
+            a.addr, b.addr
+        ),
+        &dir,
+    )
+    .await;
+    let mut client = HttpClient::connect(proxy.addr("public")).await;
+    let first = client.get("a.test", "/", &[]).await;
+    let server = first.headers()["x-server"].to_str().unwrap().to_owned();
+    let set_cookie = first.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let value = set_cookie
+        .strip_prefix("io=")
+        .and_then(|rest| rest.split(';').next())
+        .expect("the sticky cookie")
+        .to_owned();
+    let (id, app_value) = value.split_once('~').expect("a server id prefix");
+    assert_eq!(app_value, format!("sess-{server}"));
+    assert_eq!(id.len(), 8, "{value}");
+
+    let cookie = format!("io={value}; theme=dark");
+    for _ in 0..6 {
+        let response = client
+            .get("a.test", "/", &[("cookie", cookie.as_str())])
+            .await;
+        assert_eq!(response.headers()["x-server"].to_str().unwrap(), server);
+    }
+    // The chosen server saw its own value, without wsgate's prefix.
+    let chosen = if server == "a" { &mut a } else { &mut b };
+    let _first_request = chosen.heads.next("the first request").await;
+    let sticky = chosen.heads.next("a sticky request").await;
+    assert_eq!(
+        sticky.header("cookie"),
+        Some(format!("io=sess-{server}; theme=dark").as_str())
+    );
+}

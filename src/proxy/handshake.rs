@@ -15,12 +15,14 @@ use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use tracing::debug;
 
+use crate::config::Balance;
 use crate::error::ProxyError;
 use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
 use crate::proxy::http::{connect_failure, upstream_uri};
+use crate::upstream::sticky;
 use crate::upstream::Upstream;
 use crate::ws;
 use crate::ws::tunnel::TunnelSettings;
@@ -110,7 +112,10 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let key = validate(&req, &route)?;
     let permit = admit(&shared, &conn)?;
-    let upstream_req = upstream_request(&req, &route, &conn, host)?;
+    let mut upstream_req = upstream_request(&req, &route, &conn, host)?;
+    if let Balance::Cookie(name) = &upstream.balance {
+        sticky::strip_request_prefix(upstream_req.headers_mut(), name);
+    }
     let timeouts = route.config.timeouts;
 
     let mut last_connect_error = None;
@@ -163,6 +168,9 @@ pub async fn forward(
         // Relayed as is: the upstream refused (401, 403, 404, ...) and the client should see why.
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
+        if let Balance::Cookie(name) = &upstream.balance {
+            sticky::prefix_response_cookie(&mut parts.headers, name, &server);
+        }
         return Ok(Response::from_parts(parts, ProxyBody::upstream(body, None)));
     }
     let expected = accept_key(key.as_bytes());
@@ -212,7 +220,10 @@ pub async fn forward(
         ws::run(tunnel, record, &tracked.connections).await;
     });
 
-    let (parts, _) = response.into_parts();
+    let (mut parts, _) = response.into_parts();
+    if let Balance::Cookie(name) = &upstream.balance {
+        sticky::prefix_response_cookie(&mut parts.headers, name, &server);
+    }
     Ok(Response::from_parts(parts, ProxyBody::empty()))
 }
 

@@ -9,12 +9,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use crate::config::Balance;
 use crate::error::ProxyError;
 use crate::gateway::{ConnContext, Route};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
 use crate::router;
-use crate::upstream::{ConnectError, HttpSender, PooledSender, Server, Upstream};
+use crate::upstream::{sticky, ConnectError, HttpSender, PooledSender, Server, Upstream};
 
 /// Forwards one plain request and returns the upstream's answer (or wsgate's refusal).
 pub async fn forward(
@@ -28,7 +29,11 @@ pub async fn forward(
     let timeouts = &route.config.timeouts;
     let mut last_connect_error = None;
 
-    for server in upstream.attempt_order(conn.client.ip(), req.headers()) {
+    let servers = upstream.attempt_order(conn.client.ip(), req.headers());
+    if let Balance::Cookie(name) = &upstream.balance {
+        sticky::strip_request_prefix(req.headers_mut(), name);
+    }
+    for server in servers {
         // Reuse idle connections first; one the server closed meanwhile hands the request
         // back unsent, so it can go on the next one.
         while let Some(mut sender) = server.take_idle() {
@@ -36,7 +41,7 @@ pub async fn forward(
                 continue;
             }
             match send(&mut sender, req, upstream, timeouts.upstream_handshake).await {
-                Ok(response) => return Ok(into_response(response, server, sender)),
+                Ok(response) => return Ok(into_response(response, upstream, server, sender)),
                 Err(SendError::Unsent(back)) => req = back,
                 Err(SendError::Failed(e)) => return Err(e),
             }
@@ -50,7 +55,7 @@ pub async fn forward(
             }
         };
         match send(&mut sender, req, upstream, timeouts.upstream_handshake).await {
-            Ok(response) => return Ok(into_response(response, server, sender)),
+            Ok(response) => return Ok(into_response(response, upstream, server, sender)),
             Err(SendError::Unsent(_)) => {
                 return Err(ProxyError::UpstreamBroken {
                     upstream: upstream.name.to_string(),
@@ -154,11 +159,15 @@ async fn send(
 
 fn into_response(
     response: Response<Incoming>,
+    upstream: &Upstream,
     server: &Arc<Server>,
     sender: HttpSender,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    if let Balance::Cookie(name) = &upstream.balance {
+        sticky::prefix_response_cookie(&mut parts.headers, name, server);
+    }
     let pooled = PooledSender {
         server: server.clone(),
         sender,

@@ -4,6 +4,7 @@
 
 pub mod health;
 mod pool;
+pub mod sticky;
 mod stream;
 
 use std::io;
@@ -43,6 +44,8 @@ pub struct Server {
     pub addr: ServerAddr,
     /// `host:port`, as used in logs and metric labels.
     pub label: Arc<str>,
+    /// Prefix of sticky cookie values naming this server (`balance = "cookie:NAME"`).
+    sticky_id: String,
     /// Live WebSockets plus in-flight requests on this server.
     active: AtomicU64,
     /// `wsgate_upstream_active_connections` for this server.
@@ -78,6 +81,7 @@ impl Upstream {
                     // Health checking marks servers down; until then every server is up.
                     healthy_gauge.set(1);
                     Arc::new(Server {
+                        sticky_id: sticky::server_id(&label),
                         label: Arc::from(label),
                         addr: addr.clone(),
                         active: AtomicU64::new(0),
@@ -129,9 +133,21 @@ impl Upstream {
             _ => self.next.fetch_add(1, Ordering::Relaxed) % n,
         };
         order.extend((0..n).map(|i| &self.servers[(start + i) % n]));
-        if self.balance == Balance::LeastConn {
-            // Stable sort: ties keep the round-robin rotation, so equal servers share load.
-            order.sort_by_key(|s| s.active());
+        match &self.balance {
+            Balance::LeastConn => {
+                // Stable sort: ties keep the round-robin rotation, so equal servers share load.
+                order.sort_by_key(|s| s.active());
+            }
+            Balance::Cookie(name) => {
+                // The server the cookie names goes first; without one, round robin.
+                if let Some(id) = sticky::requested_id(headers, name) {
+                    if let Some(pos) = order.iter().position(|s| s.sticky_id() == id) {
+                        let chosen = order.remove(pos);
+                        order.insert(0, chosen);
+                    }
+                }
+            }
+            _ => {}
         }
         order
     }
