@@ -29,7 +29,9 @@ impl Server {
         let mut conns = self.idle.conns.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         // Oldest first in the Vec; expired ones are all at the front.
-        conns.retain(|(sender, since)| !sender.is_closed() && now.saturating_duration_since(*since) < IDLE_TIMEOUT);
+        conns.retain(|(sender, since)| {
+            !sender.is_closed() && now.saturating_duration_since(*since) < IDLE_TIMEOUT
+        });
         conns.pop().map(|(sender, _)| sender)
     }
 
