@@ -259,12 +259,6 @@ impl Server {
 #[derive(Debug)]
 pub struct ActiveGuard(Arc<Server>);
 
-impl ActiveGuard {
-    pub fn server(&self) -> &Arc<Server> {
-        &self.0
-    }
-}
-
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);

@@ -21,7 +21,6 @@ pub struct Keepalive {
     outstanding_since: Option<Instant>,
     /// When the ping carrying `token` went out.
     sent_at: Option<Instant>,
-    pub pings_sent: u64,
 }
 
 /// What the keepalive wants done now.
@@ -43,7 +42,6 @@ impl Keepalive {
             token: None,
             outstanding_since: None,
             sent_at: None,
-            pings_sent: 0,
         }
     }
 
@@ -88,7 +86,6 @@ impl Keepalive {
             self.token = Some(token);
             self.sent_at = Some(now);
             self.outstanding_since = Some(now);
-            self.pings_sent += 1;
             return KeepaliveAction::Ping(token);
         }
         KeepaliveAction::None

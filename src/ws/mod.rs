@@ -11,6 +11,7 @@ pub mod tunnel;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -175,7 +176,8 @@ pub async fn run(tunnel: BoxedTunnel, record: Arc<ConnRecord>, connections: &Con
 
 /// The one line written when a WebSocket connection ends.
 fn access_log(record: &ConnRecord, outcome: &Outcome) {
-    let frames = |counts: &tunnel::OpcodeCounts| counts.iter().sum::<u64>();
+    let c2u = &record.client_to_upstream;
+    let u2c = &record.upstream_to_client;
     info!(
         target: "wsgate::access",
         id = record.identity.id,
@@ -185,10 +187,10 @@ fn access_log(record: &ConnRecord, outcome: &Outcome) {
         upstream = record.identity.upstream.as_deref().unwrap_or("-"),
         server = record.identity.server.as_deref().unwrap_or("-"),
         duration_ms = record.identity.started.elapsed().as_millis() as u64,
-        bytes_client_to_upstream = outcome.bytes_client_to_upstream,
-        bytes_upstream_to_client = outcome.bytes_upstream_to_client,
-        frames_client_to_upstream = frames(&outcome.client_to_upstream),
-        frames_upstream_to_client = frames(&outcome.upstream_to_client),
+        bytes_client_to_upstream = c2u.bytes.load(Ordering::Relaxed),
+        bytes_upstream_to_client = u2c.bytes.load(Ordering::Relaxed),
+        frames_client_to_upstream = c2u.frames.load(Ordering::Relaxed),
+        frames_upstream_to_client = u2c.frames.load(Ordering::Relaxed),
         closed_by = outcome.initiator.label(),
         close_code = outcome.code.map(u64::from),
         close_reason = outcome.reason.as_str(),

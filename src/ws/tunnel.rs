@@ -52,24 +52,17 @@ fn opcode_index(op: OpCode) -> usize {
     }
 }
 
-/// How a tunnel ended.
+/// How a tunnel ended. Bytes, frames and the ping round trip are in the connection record.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// Who sent the first close frame (or dropped first).
     pub initiator: Initiator,
-    /// The first close frame's code; `None` when the connection was dropped without one
-    /// or the close frame carried no code.
+    /// The first close frame's code (1005 when it carried none); `None` when the connection
+    /// was dropped without one.
     pub code: Option<u16>,
     pub reason: String,
-    pub client_to_upstream: OpcodeCounts,
-    pub upstream_to_client: OpcodeCounts,
-    pub bytes_client_to_upstream: u64,
-    pub bytes_upstream_to_client: u64,
-    pub pings_sent: u64,
     pub pong_timeouts: u64,
     pub idle_timeouts: u64,
-    /// Round trips of every answered keepalive ping to the client.
-    pub last_rtt: Option<Duration>,
 }
 
 /// Per-connection settings, fixed when the tunnel starts.
@@ -157,16 +150,14 @@ struct Half {
     early: Option<Bytes>,
     /// Bytes not yet added to the connection record and metrics.
     unflushed_bytes: u64,
-    /// `frames` as last added to the connection record and metrics.
-    flushed_frames: OpcodeCounts,
+    /// Frames per opcode not yet added to the connection record and metrics.
+    unflushed_frames: OpcodeCounts,
     /// Writing to `dst` failed: the peer is gone.
     dst_failed: bool,
     /// Shut down after the tunnel finished.
     dst_shut: bool,
     /// Frame-rate limiter (client direction only).
     rate: Option<TokenBucket>,
-    frames: OpcodeCounts,
-    bytes: u64,
 }
 
 impl Half {
@@ -196,12 +187,10 @@ impl Half {
             violation: None,
             early: None,
             unflushed_bytes: 0,
-            flushed_frames: [0; 6],
+            unflushed_frames: [0; 6],
             dst_failed: false,
             dst_shut: false,
             rate: rate.map(|r| TokenBucket::new(r, now)),
-            frames: [0; 6],
-            bytes: 0,
         }
     }
 
@@ -470,7 +459,7 @@ impl Half {
                         continue;
                     }
                 }
-                self.frames[opcode_index(header.opcode)] += 1;
+                self.unflushed_frames[opcode_index(header.opcode)] += 1;
                 if header.opcode == OpCode::Close {
                     match codec::parse_close_payload(payload) {
                         Ok(code) => {
@@ -504,7 +493,7 @@ impl Half {
                         break;
                     }
                 }
-                self.frames[opcode_index(header.opcode)] += 1;
+                self.unflushed_frames[opcode_index(header.opcode)] += 1;
                 events.heard = true;
                 events.data = true;
                 self.scan += header_len;
@@ -512,7 +501,6 @@ impl Half {
             }
         }
         let relayed = (self.scan - batch_start) as u64;
-        self.bytes += relayed;
         self.unflushed_bytes += relayed;
         if self.discarding {
             // wsgate's close already went out on this output: drop what the peer still sends.
@@ -600,7 +588,6 @@ pub struct Tunnel<C, U> {
     linger_until: Option<Instant>,
     pong_timeouts: u64,
     idle_timeouts: u64,
-    last_rtt: Option<Duration>,
     /// When the tunnel started, on the tokio clock.
     start_clock: Instant,
 }
@@ -657,7 +644,6 @@ where
             linger_until: None,
             pong_timeouts: 0,
             idle_timeouts: 0,
-            last_rtt: None,
             start_clock: now,
         }
     }
@@ -702,7 +688,6 @@ where
             self.last_data = now;
         }
         if let Some(rtt) = client.pong_rtt {
-            self.last_rtt = Some(rtt);
             self.record
                 .ping_rtt_us
                 .store(rtt.as_micros() as u64, Ordering::Relaxed);
@@ -906,16 +891,16 @@ where
                 route.bytes[d].inc_by(half.unflushed_bytes);
                 half.unflushed_bytes = 0;
             }
-            if half.frames != half.flushed_frames {
+            if half.unflushed_frames != [0; 6] {
                 let mut total = 0;
-                for (i, (now, before)) in half.frames.iter().zip(half.flushed_frames).enumerate() {
-                    if *now > before {
-                        route.frames[d][i].inc_by(now - before);
-                        total += now - before;
+                for (i, n) in half.unflushed_frames.iter().enumerate() {
+                    if *n > 0 {
+                        route.frames[d][i].inc_by(*n);
+                        total += n;
                     }
                 }
                 stats.frames.fetch_add(total, Ordering::Relaxed);
-                half.flushed_frames = half.frames;
+                half.unflushed_frames = [0; 6];
             }
         }
     }
@@ -926,14 +911,8 @@ where
             initiator,
             code,
             reason: reason.to_string(),
-            client_to_upstream: self.c2u.frames,
-            upstream_to_client: self.u2c.frames,
-            bytes_client_to_upstream: self.c2u.bytes,
-            bytes_upstream_to_client: self.u2c.bytes,
-            pings_sent: self.client_ka.pings_sent + self.upstream_ka.pings_sent,
             pong_timeouts: self.pong_timeouts,
             idle_timeouts: self.idle_timeouts,
-            last_rtt: self.last_rtt,
         }
     }
 
