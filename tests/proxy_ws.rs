@@ -5,9 +5,12 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::client::ClientRequestBuilder;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -393,6 +396,91 @@ async fn upstream_101_with_wrong_accept_is_502() {
     upstream.heads.next("the forwarded upgrade").await;
     assert_refusal(&response, 502, &["Sec-WebSocket-Accept"]);
     assert_eq!(response.header("upgrade"), None);
+}
+
+#[tokio::test]
+async fn chunked_and_close_delimited_refusals_arrive_whole() {
+    let chunked = spawn_raw_upstream(answer_bytes(
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\
+          X-Reason: banned\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    ))
+    .await;
+    let closing = spawn_raw_upstream_closing(answer_bytes(
+        b"HTTP/1.1 403 Forbidden\r\nX-Reason: banned\r\n\r\nhello, world",
+    ))
+    .await;
+    for (name, upstream) in [("chunked", &chunked), ("read to close", &closing)] {
+        let dir = TestDir::new();
+        let proxy = spawn_proxy(&one_route(&[upstream.addr], ""), &dir).await;
+        let request = http_request("GET", "/", &ws_headers("app.test"));
+        let response = raw_exchange(proxy.addr("public"), &request).await;
+        assert_eq!(response.status, 403, "{name}: {response:?}");
+        assert_eq!(response.header("x-reason"), Some("banned"), "{name}");
+        assert_eq!(response.body_text(), "hello, world", "{name}");
+        // The upstream's framing is its hop's: the Content-Length beside chunked is dropped.
+        assert_eq!(response.header("content-length"), None, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_upstream_answers_are_502_naming_the_problem() {
+    let cases: [(&[u8], &str); 5] = [
+        (b"", "closed the connection without answering"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "invalid response head"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgr",
+            "in the middle of its response head",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nbad header line\r\n\r\n",
+            "invalid response head",
+        ),
+        (
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+            "conflicting Content-Length",
+        ),
+    ];
+    for (answer, needle) in cases {
+        let upstream = spawn_raw_upstream_closing(answer_bytes(answer)).await;
+        let dir = TestDir::new();
+        let proxy = spawn_proxy(&one_route(&[upstream.addr], ""), &dir).await;
+        let request = http_request("GET", "/", &ws_headers("app.test"));
+        let response = raw_exchange(proxy.addr("public"), &request).await;
+        assert_refusal(&response, 502, &[needle, &upstream.addr.to_string()]);
+    }
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_101_reach_the_client_and_interim_answers_do_not() {
+    let upstream = spawn_raw_upstream(Arc::new(|head: &RawHead| {
+        let key = head.header("sec-websocket-key").unwrap_or_default();
+        let mut answer = format!(
+            "HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        // A text frame "welcome" in the same write as the head.
+        answer.extend_from_slice(b"\x81\x07welcome");
+        answer
+    }))
+    .await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&one_route(&[upstream.addr], ""), &dir).await;
+    let (mut ws, response) = within(
+        "the upgrade",
+        tokio_tungstenite::connect_async(ws_url(&proxy, "/")),
+    )
+    .await
+    .expect("upgrade through the proxy");
+    assert_eq!(response.status(), 101);
+    assert!(response.headers().get("link").is_none(), "{response:?}");
+    let first = within("the early frame", ws.next()).await;
+    assert_eq!(
+        first.map(|m| m.map_err(|e| e.to_string())),
+        Some(Ok(Message::text("welcome")))
+    );
 }
 
 /// The `key=value` pairs of the last element of a `Forwarded` header.

@@ -109,7 +109,18 @@ impl Scanner {
                     };
                     continue;
                 }
-                _ => {}
+                // Inside a line where only its end matters: jump to it.
+                State::RequestLine | State::ChunkExt(_) | State::Trailer => {}
+                State::Value if !self.in_content_length => {}
+                _ => {
+                    self.step(bytes, i);
+                    i += 1;
+                    continue;
+                }
+            }
+            match bytes[i..].iter().position(|&b| b == b'\n') {
+                Some(n) => i += n,
+                None => return,
             }
             self.step(bytes, i);
             i += 1;

@@ -8,7 +8,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::proxy::upgrade::RawBody;
 use crate::upstream::PooledSender;
+
+/// What a body can fail with: hyper's errors, or the socket's under a raw body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body: wsgate's own short answers, or an upstream body streamed through.
 pub enum ProxyBody {
@@ -19,6 +23,8 @@ pub enum ProxyBody {
         body: Incoming,
         conn: Option<PooledSender>,
     },
+    /// A refused upgrade's body, read off the upstream socket by wsgate itself.
+    Raw(Box<RawBody>),
 }
 
 impl ProxyBody {
@@ -33,16 +39,20 @@ impl ProxyBody {
     pub fn upstream(body: Incoming, conn: Option<PooledSender>) -> Self {
         ProxyBody::Upstream { body, conn }
     }
+
+    pub fn raw(body: RawBody) -> Self {
+        ProxyBody::Raw(Box::new(body))
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Text(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Upstream { body, conn } => {
@@ -52,8 +62,11 @@ impl Body for ProxyBody {
                         conn.release();
                     }
                 }
-                polled
+                polled.map(|frame| frame.map(|r| r.map_err(BodyError::from)))
             }
+            ProxyBody::Raw(body) => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|r| r.map_err(BodyError::from))),
         }
     }
 
@@ -61,6 +74,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Text(data) => data.is_none(),
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Raw(body) => body.is_end_stream(),
         }
     }
 
@@ -69,6 +83,10 @@ impl Body for ProxyBody {
             ProxyBody::Text(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ProxyBody::Text(None) => SizeHint::with_exact(0),
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Raw(body) => match body.exact_len() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
         }
     }
 }

@@ -1,18 +1,17 @@
 //! WebSocket upgrades (RFC 6455 §4): checked before any upstream is touched, forwarded
-//! over a fresh HTTP/1.1 connection, the upstream's answer relayed as is, and on a verified
-//! 101 both sockets handed to the tunnel.
+//! over a fresh HTTP/1.1 connection (spoken directly, see `upgrade`), the upstream's answer
+//! relayed as is, and on a verified 101 both sockets handed to the tunnel.
 
 use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
+use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use crate::config::Balance;
@@ -21,7 +20,8 @@ use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
-use crate::proxy::http::{connect_failure, upstream_uri};
+use crate::proxy::http::{connect_failure, upstream_target};
+use crate::proxy::upgrade;
 use crate::upstream::sticky;
 use crate::upstream::Upstream;
 use crate::ws;
@@ -112,10 +112,13 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let key = validate(&req, &route)?;
     let permit = admit(&shared, &conn)?;
-    let mut upstream_req = upstream_request(&req, &route, &conn, host)?;
-    if let Balance::Cookie(name) = &upstream.balance {
-        sticky::strip_request_prefix(upstream_req.headers_mut(), name);
-    }
+    let request_head = {
+        let mut headers = upstream_headers(&req, &conn, host);
+        if let Balance::Cookie(name) = &upstream.balance {
+            sticky::strip_request_prefix(&mut headers, name);
+        }
+        upgrade::encode_request(&upstream_target(req.uri(), &route)?, &headers)
+    };
     let timeouts = route.config.timeouts;
 
     let mut last_connect_error = None;
@@ -132,28 +135,22 @@ pub async fn forward(
             }
         }
     }
-    let Some((server, stream)) = attempt else {
+    let Some((server, mut stream)) = attempt else {
         return Err(connect_failure(&upstream, last_connect_error));
     };
     let active = server.track();
 
     let exchange = async {
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(error = %e, "upstream handshake connection ended with an error");
-            }
-        });
-        sender.send_request(upstream_req).await
+        stream.write_all(&request_head).await?;
+        stream.flush().await?;
+        upgrade::read_response(&mut stream).await
     };
-    let mut response = match tokio::time::timeout(timeouts.upstream_handshake, exchange).await {
-        Ok(Ok(response)) => response,
+    let head = match tokio::time::timeout(timeouts.upstream_handshake, exchange).await {
+        Ok(Ok(head)) => head,
         Ok(Err(e)) => {
             return Err(ProxyError::UpstreamBroken {
                 upstream: upstream.name.to_string(),
-                reason: format!("{}: {e}", server.label),
+                reason: format!("{} {e}", server.label),
             })
         }
         Err(_) => {
@@ -163,18 +160,34 @@ pub async fn forward(
             })
         }
     };
+    let upgrade::ResponseHead {
+        status,
+        mut headers,
+        rest,
+    } = head;
 
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if status != StatusCode::SWITCHING_PROTOCOLS {
         // Relayed as is: the upstream refused (401, 403, 404, ...) and the client should see why.
-        let (mut parts, body) = response.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
-        if let Balance::Cookie(name) = &upstream.balance {
-            sticky::prefix_response_cookie(&mut parts.headers, name, &server);
+        let framing =
+            upgrade::framing(status, &headers).map_err(|e| ProxyError::UpstreamBroken {
+                upstream: upstream.name.to_string(),
+                reason: format!("{} {e}", server.label),
+            })?;
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            headers.remove(header::CONTENT_LENGTH);
         }
-        return Ok(Response::from_parts(parts, ProxyBody::upstream(body, None)));
+        headers::remove_hop_by_hop(&mut headers);
+        if let Balance::Cookie(name) = &upstream.balance {
+            sticky::prefix_response_cookie(&mut headers, name, &server);
+        }
+        return Ok(response(
+            status,
+            headers,
+            ProxyBody::raw(upgrade::RawBody::new(stream, rest, framing)),
+        ));
     }
     let expected = accept_key(key.as_bytes());
-    let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+    let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|a| a.as_bytes()) != Some(expected.as_bytes()) {
         return Err(ProxyError::UpstreamBroken {
             upstream: upstream.name.to_string(),
@@ -185,10 +198,14 @@ pub async fn forward(
         });
     }
 
-    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    // Frames the upstream sent right behind its 101 (rare): handed to the tunnel first.
+    let early = if rest.is_empty() {
+        Bytes::new()
+    } else {
+        rest.freeze()
+    };
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let subprotocol = response
-        .headers()
+    let subprotocol = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
@@ -204,41 +221,41 @@ pub async fn forward(
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
         let (_active, _permit) = (active, permit);
-        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
-            (Ok(c), Ok(u)) => (c, u),
-            (c, u) => {
-                debug!(
-                    id = record.identity.id,
-                    client_ok = c.is_ok(),
-                    upstream_ok = u.is_ok(),
-                    "upgrade did not complete"
-                );
+        let client = match client_upgrade.await {
+            Ok(client) => client,
+            Err(e) => {
+                debug!(id = record.identity.id, error = %e, "client upgrade did not complete");
                 return;
             }
         };
-        let tunnel = ws::tunnel(client, upstream, settings, record.clone());
+        let (client, client_early) = ws::client_io(client);
+        let tunnel = ws::tunnel_to(
+            client,
+            client_early,
+            stream,
+            early,
+            settings,
+            record.clone(),
+        );
         ws::run(tunnel, record, &tracked.connections).await;
     });
 
-    let (mut parts, _) = response.into_parts();
     if let Balance::Cookie(name) = &upstream.balance {
-        sticky::prefix_response_cookie(&mut parts.headers, name, &server);
+        sticky::prefix_response_cookie(&mut headers, name, &server);
     }
-    Ok(Response::from_parts(parts, ProxyBody::empty()))
+    Ok(response(status, headers, ProxyBody::empty()))
 }
 
-/// The request sent to the upstream: same method, path and headers, hop-by-hop removed
-/// except the upgrade pair, forwarding headers added, no body.
-fn upstream_request<B>(
-    req: &Request<B>,
-    route: &Route,
-    conn: &ConnContext,
-    host: Option<&str>,
-) -> Result<Request<Empty<Bytes>>, ProxyError> {
-    let mut builder = Request::builder()
-        .method(Method::GET)
-        .uri(upstream_uri(req.uri(), route)?)
-        .version(http::Version::HTTP_11);
+fn response(status: StatusCode, headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The headers sent to the upstream: the client's, hop-by-hop removed except the upgrade
+/// pair, forwarding headers added.
+fn upstream_headers<B>(req: &Request<B>, conn: &ConnContext, host: Option<&str>) -> HeaderMap {
     let upgrade = req.headers().get(header::UPGRADE).cloned();
     let mut forwarded = req.headers().clone();
     headers::remove_hop_by_hop(&mut forwarded);
@@ -255,12 +272,7 @@ fn upstream_request<B>(
         header::UPGRADE,
         upgrade.unwrap_or(HeaderValue::from_static("websocket")),
     );
-    if let Some(h) = builder.headers_mut() {
-        *h = forwarded;
-    }
-    builder
-        .body(Empty::new())
-        .map_err(|e| ProxyError::Internal(e.to_string()))
+    forwarded
 }
 
 /// The 101 wsgate sends when it answers an upgrade itself (builtin routes).

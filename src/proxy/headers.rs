@@ -58,33 +58,37 @@ pub struct ClientInfo<'a> {
 /// `X-Forwarded-Host`, the way nginx's `$proxy_add_x_forwarded_for` and RFC 7239 do.
 pub fn add_forwarding(headers: &mut HeaderMap, client: ClientInfo<'_>) {
     let ip = client.ip.to_canonical();
-    append_list(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        &ip.to_string(),
-    );
+    let host = client.host.unwrap_or_default();
+    // One buffer for both values: the address, then the `Forwarded` element.
+    let mut text = String::with_capacity(96 + host.len());
+    push_ip(&mut text, ip);
+    append_list(headers, HeaderName::from_static("x-forwarded-for"), &text);
 
-    let for_node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={for_node}");
-    if let Some(host) = client.host {
-        if is_token(host) {
-            element.push_str(";host=");
-            element.push_str(host);
-        } else if host
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            element.push_str(";host=\"");
-            element.push_str(host);
-            element.push('"');
+    text.clear();
+    text.push_str("for=");
+    match ip {
+        IpAddr::V4(_) => push_ip(&mut text, ip),
+        IpAddr::V6(_) => {
+            text.push_str("\"[");
+            push_ip(&mut text, ip);
+            text.push_str("]\"");
         }
     }
-    element.push_str(";proto=");
-    element.push_str(client.proto);
-    append_list(headers, header::FORWARDED, &element);
+    if is_token(host) {
+        text.push_str(";host=");
+        text.push_str(host);
+    } else if !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        text.push_str(";host=\"");
+        text.push_str(host);
+        text.push('"');
+    }
+    text.push_str(";proto=");
+    text.push_str(client.proto);
+    append_list(headers, header::FORWARDED, &text);
 
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -95,19 +99,52 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: ClientInfo<'_>) {
     }
 }
 
-/// Joins all existing lines of a list header and appends `item`, leaving one line.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
-    let mut joined = String::new();
-    for value in headers.get_all(&name) {
-        if let Ok(v) = value.to_str() {
-            if !v.trim().is_empty() {
-                joined.push_str(v.trim());
-                joined.push_str(", ");
+/// Writes an address the way `Display` does; IPv4 without the formatting machinery, as
+/// this runs for every forwarded request.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
             }
         }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
     }
-    joined.push_str(item);
-    if let Ok(value) = HeaderValue::from_str(&joined) {
+}
+
+/// Joins all existing lines of a list header and appends `item`, leaving one line.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let mut existing = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .peekable();
+    let value = if existing.peek().is_none() {
+        HeaderValue::from_str(item)
+    } else {
+        let mut joined = String::with_capacity(128);
+        for v in existing {
+            joined.push_str(v);
+            joined.push_str(", ");
+        }
+        joined.push_str(item);
+        HeaderValue::from_str(&joined)
+    };
+    if let Ok(value) = value {
         headers.insert(name, value);
     }
 }
@@ -182,5 +219,44 @@ mod tests {
             },
         );
         assert_eq!(h["forwarded"], "for=192.0.2.1;host=example.com;proto=http");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "2001:db8::1",
+            "::",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
+    }
+
+    #[test]
+    fn forwarded_without_host() {
+        let mut h = HeaderMap::new();
+        h.append("forwarded", HeaderValue::from_static("for=192.0.2.7"));
+        h.append("forwarded", HeaderValue::from_static(" "));
+        h.append("forwarded", HeaderValue::from_static("for=192.0.2.8"));
+        add_forwarding(
+            &mut h,
+            ClientInfo {
+                ip: "::ffff:10.1.2.3".parse().unwrap(),
+                proto: "http",
+                host: None,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.7, for=192.0.2.8, for=10.1.2.3;proto=http"
+        );
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 }

@@ -115,18 +115,27 @@ fn prepare_request(
 
 /// The origin-form URI the upstream sees.
 pub fn upstream_uri(uri: &Uri, route: &Route) -> Result<Uri, ProxyError> {
+    upstream_target(uri, route)?
+        .parse()
+        .map_err(|_| ProxyError::BadHandshake("request target cannot be forwarded"))
+}
+
+/// The request target (path and query, origin form) sent to the upstream.
+pub fn upstream_target(uri: &Uri, route: &Route) -> Result<String, ProxyError> {
     let path = if route.config.strip_prefix {
         router::strip_prefix(&route.config.path, uri.path())
     } else {
         uri.path()
     };
-    let path_and_query = match uri.query() {
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadHandshake(
+            "request target cannot be forwarded",
+        ));
+    }
+    Ok(match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
-    };
-    path_and_query
-        .parse()
-        .map_err(|_| ProxyError::BadHandshake("request target cannot be forwarded"))
+    })
 }
 
 enum SendError {

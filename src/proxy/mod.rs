@@ -6,6 +6,7 @@ pub mod body;
 pub mod handshake;
 pub mod headers;
 pub mod http;
+pub mod upgrade;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -23,7 +23,7 @@ use tracing::info;
 
 use crate::gateway::{ConnContext, Connections, Route, Shared};
 use crate::listener::head_guard::HeadGuard;
-use crate::upstream::{Server, Upstream, UpstreamStream};
+use crate::upstream::{Server, Upstream};
 use record::{ConnRecord, Identity};
 use tunnel::{Outcome, Tunnel, TunnelSettings};
 
@@ -81,40 +81,6 @@ pub fn new_record(
 /// a few words, where nesting the relay's generic futures inline would roughly double what
 /// every idle connection carries.
 pub type BoxedTunnel = Pin<Box<dyn Future<Output = Outcome> + Send>>;
-
-/// The tunnel between an upgraded client connection and an upgraded upstream connection.
-pub fn tunnel(
-    client: Upgraded,
-    upstream: Upgraded,
-    settings: TunnelSettings,
-    record: Arc<ConnRecord>,
-) -> BoxedTunnel {
-    let (client, client_early) = client_io(client);
-    match upstream.downcast::<TokioIo<UpstreamStream>>() {
-        Ok(parts) => {
-            let upstream = parts.io.into_inner();
-            tunnel_to(
-                client,
-                client_early,
-                upstream,
-                parts.read_buf,
-                settings,
-                record,
-            )
-        }
-        Err(upgraded) => {
-            let upstream = TokioIo::new(upgraded);
-            tunnel_to(
-                client,
-                client_early,
-                upstream,
-                Bytes::new(),
-                settings,
-                record,
-            )
-        }
-    }
-}
 
 /// The tunnel between a client connection and any upstream stream. The early bytes (read
 /// past the handshake) are copied into the relay's buffer at once: they are slices of hyper's

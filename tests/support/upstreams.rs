@@ -229,6 +229,16 @@ pub struct RawUpstream {
 }
 
 pub async fn spawn_raw_upstream(respond: Responder) -> RawUpstream {
+    raw_upstream(respond, true).await
+}
+
+/// Like [`spawn_raw_upstream`], but closes each connection right after its answer (for
+/// bodies delimited by the end of the connection).
+pub async fn spawn_raw_upstream_closing(respond: Responder) -> RawUpstream {
+    raw_upstream(respond, false).await
+}
+
+async fn raw_upstream(respond: Responder, hold: bool) -> RawUpstream {
     let (listener, addr) = bind().await;
     let (heads_tx, heads) = recorder();
     let task = tokio::spawn(async move {
@@ -243,7 +253,7 @@ pub async fn spawn_raw_upstream(respond: Responder) -> RawUpstream {
                 let head = parse_head(&head);
                 let answer = respond(&head);
                 let _ = heads_tx.send(head);
-                if stream.write_all(&answer).await.is_err() {
+                if stream.write_all(&answer).await.is_err() || !hold {
                     return;
                 }
                 // Hold the connection until the peer is done with it.
@@ -288,6 +298,12 @@ pub fn answer_101_wrong_accept() -> Responder {
         )
         .into_bytes()
     })
+}
+
+/// Exactly `bytes`, whatever the request.
+pub fn answer_bytes(bytes: &[u8]) -> Responder {
+    let answer = bytes.to_vec();
+    Arc::new(move |_: &RawHead| answer.clone())
 }
 
 /// A complete non-101 answer: `status_line` (e.g. "401 Unauthorized"), `headers`, `body`
