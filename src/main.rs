@@ -45,11 +45,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     wsgate::logging::init(&config.log);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a single-threaded scheduler (no work-stealing queues, no cross-thread
+    // wake-ups); the process still has tokio's blocking pool for reloads.
+    let mut runtime = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                builder.worker_threads(n);
+            }
+            builder
+        }
+    };
     runtime.enable_all();
-    if config.runtime.worker_threads > 0 {
-        runtime.worker_threads(config.runtime.worker_threads);
-    }
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(e) => {

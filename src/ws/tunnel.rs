@@ -365,13 +365,9 @@ impl Half {
         let buf = self.buf.get_or_insert_with(RelayBuf::take);
         let mut read_buf = ReadBuf::new(&mut buf[self.filled..]);
         match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
-            Poll::Pending => {
-                if self.filled == 0 {
-                    // Nothing in flight: give the buffer back while the source is quiet.
-                    self.buf = None;
-                }
-                false
-            }
+            // The buffer stays until the tunnel sleeps (`release_idle_buf`): a busy tunnel
+            // reads again in the next turn.
+            Poll::Pending => false,
             Poll::Ready(Ok(())) if read_buf.filled().is_empty() => {
                 self.end_of_input();
                 true
@@ -386,6 +382,13 @@ impl Half {
                 self.end_of_input();
                 true
             }
+        }
+    }
+
+    /// Nothing in flight: the buffer goes back to the pool while the source is quiet.
+    fn release_idle_buf(&mut self) {
+        if self.filled == 0 {
+            self.buf = None;
         }
     }
 
@@ -891,16 +894,16 @@ where
                 route.bytes[d].inc_by(half.unflushed_bytes);
                 half.unflushed_bytes = 0;
             }
-            if half.unflushed_frames != [0; 6] {
-                let mut total = 0;
-                for (i, n) in half.unflushed_frames.iter().enumerate() {
-                    if *n > 0 {
-                        route.frames[d][i].inc_by(*n);
-                        total += n;
-                    }
+            let mut total = 0;
+            for (i, n) in half.unflushed_frames.iter_mut().enumerate() {
+                if *n > 0 {
+                    route.frames[d][i].inc_by(*n);
+                    total += *n;
+                    *n = 0;
                 }
+            }
+            if total > 0 {
                 stats.frames.fetch_add(total, Ordering::Relaxed);
-                half.unflushed_frames = [0; 6];
             }
         }
     }
@@ -918,20 +921,32 @@ where
 
     /// Relaying: moves bytes both ways until nothing more can happen right now.
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        for _ in 0..MAX_TURNS_PER_POLL {
-            let now = Instant::now();
-            if !self.proxy_closing {
-                if let Some(request) = self.record.poll_close_request(cx.waker()) {
-                    let reason = match request {
-                        CloseRequest::Operator => "closed by operator",
-                        CloseRequest::Drain => "going away",
-                    };
-                    let frame = CloseFrame { code: 1001, reason };
-                    self.proxy_close(frame, frame, now);
-                }
+        // One clock reading per wake-up: the turns below take microseconds.
+        let now = Instant::now();
+        if !self.proxy_closing {
+            if let Some(request) = self.record.poll_close_request(cx.waker()) {
+                let reason = match request {
+                    CloseRequest::Operator => "closed by operator",
+                    CloseRequest::Drain => "going away",
+                };
+                let frame = CloseFrame { code: 1001, reason };
+                self.proxy_close(frame, frame, now);
             }
-            self.run_timers(now);
+        }
+        // Timers once per wake-up: with the clock fixed, traffic in the turns below can
+        // only push their deadlines later.
+        self.run_timers(now);
+        let polled = self.relay_turns(cx, now);
+        if polled.is_pending() {
+            // Going to sleep: a quiet direction gives its buffer back.
+            self.c2u.release_idle_buf();
+            self.u2c.release_idle_buf();
+        }
+        polled
+    }
 
+    fn relay_turns(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<()> {
+        for _ in 0..MAX_TURNS_PER_POLL {
             let mut progressed = self.c2u.poll_write(&mut self.upstream, cx);
             progressed |= self.u2c.poll_write(&mut self.client, cx);
             let mut from_client = Events::default();
@@ -974,8 +989,10 @@ where
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+            // A deadline passed: the next wake-up reads the clock and runs the timers.
+            break;
         }
-        // Busy: let other tasks run, then continue.
+        // Busy, or a timer is due: let other tasks run, then continue.
         cx.waker().wake_by_ref();
         Poll::Pending
     }
