@@ -129,7 +129,9 @@ pub async fn run(tunnel: BoxedTunnel, record: Arc<ConnRecord>, connections: &Con
     let _registered = connections.register(record.clone());
     let metrics = &record.metrics;
     metrics.connections_active.inc();
-    let outcome = tunnel.await;
+    // The relay yields on its own after a bounded number of turns (MAX_TURNS_PER_POLL), so
+    // tokio's per-operation budget would only add bookkeeping to every socket poll.
+    let outcome = tokio::task::unconstrained(tunnel).await;
     metrics
         .connection_duration
         .observe(record.identity.started.elapsed().as_secs_f64());

@@ -937,6 +937,8 @@ where
         // only push their deadlines later.
         self.run_timers(now);
         let polled = self.relay_turns(cx, now);
+        // Counters once per wake-up, however many turns it took.
+        self.flush_record();
         if polled.is_pending() {
             // Going to sleep: a quiet direction gives its buffer back.
             self.c2u.release_idle_buf();
@@ -947,11 +949,11 @@ where
 
     fn relay_turns(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<()> {
         for _ in 0..MAX_TURNS_PER_POLL {
-            let mut progressed = self.c2u.poll_write(&mut self.upstream, cx);
-            progressed |= self.u2c.poll_write(&mut self.client, cx);
+            // Read, then write what was read (and any frame of wsgate's it caused) in the same
+            // turn: a message crosses in one turn, and the next only finds the sockets quiet.
             let mut from_client = Events::default();
             let mut from_upstream = Events::default();
-            progressed |= self.c2u.poll_read(
+            let mut progressed = self.c2u.poll_read(
                 &mut self.client,
                 cx,
                 &mut self.client_ka,
@@ -966,7 +968,8 @@ where
                 &mut from_upstream,
             );
             self.handle_events(from_client, from_upstream, now);
-            self.flush_record();
+            progressed |= self.c2u.poll_write(&mut self.upstream, cx);
+            progressed |= self.u2c.poll_write(&mut self.client, cx);
 
             let both_done = self.c2u.src_done && self.u2c.src_done;
             if both_done && self.c2u.flushed() && self.u2c.flushed() {
