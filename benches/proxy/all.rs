@@ -87,6 +87,13 @@ pub struct Opts {
     /// `normal`. It changes nothing between the proxies. Needs root; ignored otherwise.
     #[arg(long, value_enum, default_value = "fifo")]
     sched: Sched,
+    /// Run each throughput, latency and handshake workload this many times, the targets in
+    /// a different order each round, and report each target's median round (by proxy CPU
+    /// per operation; by p99 for the paced workload): a stall of the machine that hits one
+    /// target in one round then moves no verdict. Idle workloads run once. Default: 3, or
+    /// 1 with --quick.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -724,9 +731,17 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                     .any(|id| id == w.id || (id == "echo32" && w.id.starts_with("echo32")))
         })
         .collect();
+    let rounds = opts.rounds.unwrap_or(if opts.quick { 1 } else { 3 }) as usize;
+    let rounds_of = |w: &Workload| match w.kind {
+        Kind::Idle { .. } => 1,
+        _ => rounds,
+    };
     let runs_total: usize = selected
         .iter()
-        .map(|w| peers.len() + usize::from(with_direct && !matches!(w.kind, Kind::Idle { .. })))
+        .map(|w| {
+            rounds_of(w)
+                * (peers.len() + usize::from(with_direct && !matches!(w.kind, Kind::Idle { .. })))
+        })
         .sum();
 
     let ctx = LoadCtx {
@@ -740,37 +755,57 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut n = 0;
     for w in &selected {
-        let mut per_target: Vec<(String, Value)> = Vec::new();
-        if with_direct && !matches!(w.kind, Kind::Idle { .. }) {
-            n += 1;
-            let url = match w.kind {
-                Kind::Handshake { tls: true } => format!("wss://localhost:{up_tls_port}/"),
-                _ => format!("ws://127.0.0.1:{up_port}/"),
-            };
-            let v = ctx.run(w, &url, &[], n, runs_total, "direct");
-            per_target.push(("direct".into(), v));
-        }
-        for peer in peers.iter_mut() {
-            n += 1;
-            if let Kind::Idle { .. } = w.kind {
-                // A fresh process, so memory freed by earlier workloads does not hide growth.
-                if let Err(e) = peer.start(opts.proxy_cpu) {
-                    per_target.push((peer.name.into(), json!({"error": format!("{e:#}")})));
-                    continue;
-                }
+        let idle = matches!(w.kind, Kind::Idle { .. });
+        // Target slots: direct first (when measured), then the peers in start order.
+        let first_peer = usize::from(with_direct && !idle);
+        let slots = first_peer + peers.len();
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); slots];
+        for round in 0..rounds_of(w) {
+            for k in 0..slots {
+                // Each round starts one target later, so no target always follows the same one.
+                let slot = (k + round) % slots;
+                n += 1;
+                let v = if slot < first_peer {
+                    let url = match w.kind {
+                        Kind::Handshake { tls: true } => format!("wss://localhost:{up_tls_port}/"),
+                        _ => format!("ws://127.0.0.1:{up_port}/"),
+                    };
+                    ctx.run(w, &url, &[], n, runs_total, "direct")
+                } else {
+                    let peer = &mut peers[slot - first_peer];
+                    if idle {
+                        // A fresh process, so memory freed by earlier workloads does not hide growth.
+                        if let Err(e) = peer.start(opts.proxy_cpu) {
+                            runs[slot].push(json!({"error": format!("{e:#}")}));
+                            continue;
+                        }
+                    }
+                    let tls = matches!(
+                        w.kind,
+                        Kind::Handshake { tls: true } | Kind::Idle { tls: true }
+                    );
+                    let url = if tls {
+                        format!("wss://localhost:{}/", peer.tls_port)
+                    } else {
+                        format!("ws://127.0.0.1:{}/", peer.plain_port)
+                    };
+                    ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name)
+                };
+                runs[slot].push(v);
             }
-            let tls = matches!(
-                w.kind,
-                Kind::Handshake { tls: true } | Kind::Idle { tls: true }
-            );
-            let url = if tls {
-                format!("wss://localhost:{}/", peer.tls_port)
-            } else {
-                format!("ws://127.0.0.1:{}/", peer.plain_port)
-            };
-            let v = ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name);
-            per_target.push((peer.name.into(), v));
         }
+        let per_target: Vec<(String, Value)> = runs
+            .into_iter()
+            .enumerate()
+            .map(|(slot, values)| {
+                let name = if slot < first_peer {
+                    "direct"
+                } else {
+                    peers[slot - first_peer].name
+                };
+                (name.to_owned(), report::median_round(w.kind, values))
+            })
+            .collect();
         results.push(WorkloadResult {
             id: w.id,
             title: w.title,
@@ -806,6 +841,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             "load_cpu": opts.load_cpu,
             "sched": format!("{:?}", opts.sched).to_lowercase(),
             "quick": opts.quick,
+            "rounds": rounds,
             "elapsed_s": elapsed.as_secs_f64(),
         }),
         workloads: results,

@@ -204,6 +204,54 @@ fn lookup(v: &Value, path: &[&str]) -> Option<f64> {
     cur.as_f64()
 }
 
+/// The figure that ranks the rounds of a workload: proxy CPU per operation (msgs/s for
+/// `direct`, which has no proxy), p99 for the paced workload.
+fn round_key(kind: Kind, v: &Value) -> Option<(&'static str, f64)> {
+    match kind {
+        Kind::Paced => lookup(v, &["latency_us", "p99"]).map(|x| ("p99 round trip (µs)", x)),
+        Kind::Idle { .. } => None,
+        _ => lookup(v, &["watched", "cpu_us_per_op"])
+            .map(|x| ("proxy CPU per op (µs)", x))
+            .or_else(|| lookup(v, &["ops_per_s"]).map(|x| ("ops/s", x))),
+    }
+}
+
+/// One target's result from several rounds of a workload: the median round by
+/// [`round_key`], with every round's key figure attached as `rounds` (in run order).
+/// A round that failed is only chosen when every round failed.
+pub fn median_round(kind: Kind, runs: Vec<Value>) -> Value {
+    if runs.len() < 2 {
+        return runs
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| json!({"error": "not run"}));
+    }
+    let keys: Vec<Option<(&'static str, f64)>> = runs
+        .iter()
+        .map(|v| round_key(kind, v).filter(|_| v.get("error").is_none()))
+        .collect();
+    let mut ok: Vec<(usize, f64)> = keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| k.map(|(_, x)| (i, x)))
+        .collect();
+    ok.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let chosen = ok.get(ok.len() / 2).map_or(0, |(i, _)| *i);
+    let label = keys.iter().flatten().map(|(l, _)| *l).next().unwrap_or("");
+    let figures: Vec<Value> = keys
+        .iter()
+        .map(|k| k.map_or(Value::Null, |(_, x)| x.into()))
+        .collect();
+    let mut value = runs.into_iter().nth(chosen).unwrap_or(Value::Null);
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert(
+            "rounds".into(),
+            json!({"key": label, "values": figures, "median_round": chosen + 1}),
+        );
+    }
+    value
+}
+
 impl WorkloadResult {
     fn value(&self, target: &str, metric: &Metric) -> Option<f64> {
         if target == "direct" && !metric.direct {
@@ -470,6 +518,11 @@ pub fn markdown(run: &RunResults) -> String {
          CPU is the proxy's utime+stime over the measured window, all threads and processes. \
          ⚠: errors or lost messages, see below.)\n",
     );
+    let spread = rounds_table(run);
+    if !spread.is_empty() {
+        s.push('\n');
+        s.push_str(&spread);
+    }
     let mut notes = Vec::new();
     for w in &run.workloads {
         for (t, v) in &w.results {
@@ -528,6 +581,61 @@ pub fn markdown(run: &RunResults) -> String {
                 })
                 .unwrap_or_else(|| "—".into());
             let _ = writeln!(s, "| {} | {v} | {t} | {} |", c.what, c.verdict());
+        }
+    }
+    s
+}
+
+/// With `--rounds` above 1: every round's key figure, so the spread the medians hide shows.
+fn rounds_table(run: &RunResults) -> String {
+    let mut s = String::new();
+    for w in &run.workloads {
+        for (t, v) in &w.results {
+            let Some(rounds) = v.get("rounds") else {
+                continue;
+            };
+            if s.is_empty() {
+                s.push_str(
+                    "Rounds (each target's median round is the one shown above):\n\n\
+                     | workload | target | ranked by | rounds, in run order |\n\
+                     | --- | --- | --- | --- |\n",
+                );
+            }
+            let key = rounds.get("key").and_then(Value::as_str).unwrap_or("");
+            let median = rounds
+                .get("median_round")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
+            let figures: Vec<String> = rounds
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .enumerate()
+                        .map(|(i, x)| {
+                            let text = x.as_f64().map_or("error".into(), |x| {
+                                if x >= 1000.0 {
+                                    format!("{:.1}k", x / 1000.0)
+                                } else {
+                                    format!("{x:.1}")
+                                }
+                            });
+                            if i + 1 == median {
+                                format!("**{text}**")
+                            } else {
+                                text
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {key} | {} |",
+                w.title,
+                display_name(t),
+                figures.join(", ")
+            );
         }
     }
     s
