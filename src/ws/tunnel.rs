@@ -156,6 +156,9 @@ struct Half {
     dst_failed: bool,
     /// Shut down after the tunnel finished.
     dst_shut: bool,
+    /// `src` said "nothing now" during this wake-up (its waker is registered): no need to
+    /// ask it again until the next one.
+    src_quiet: bool,
     /// Frame-rate limiter (client direction only).
     rate: Option<TokenBucket>,
 }
@@ -190,6 +193,7 @@ impl Half {
             unflushed_frames: [0; 6],
             dst_failed: false,
             dst_shut: false,
+            src_quiet: false,
             rate: rate.map(|r| TokenBucket::new(r, now)),
         }
     }
@@ -362,12 +366,18 @@ impl Half {
             self.parse(keepalive, now, events);
             return true;
         }
+        if self.src_quiet {
+            return false;
+        }
         let buf = self.buf.get_or_insert_with(RelayBuf::take);
         let mut read_buf = ReadBuf::new(&mut buf[self.filled..]);
         match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
             // The buffer stays until the tunnel sleeps (`release_idle_buf`): a busy tunnel
             // reads again in the next turn.
-            Poll::Pending => false,
+            Poll::Pending => {
+                self.src_quiet = true;
+                false
+            }
             Poll::Ready(Ok(())) if read_buf.filled().is_empty() => {
                 self.end_of_input();
                 true
@@ -936,6 +946,8 @@ where
         // Timers once per wake-up: with the clock fixed, traffic in the turns below can
         // only push their deadlines later.
         self.run_timers(now);
+        self.c2u.src_quiet = false;
+        self.u2c.src_quiet = false;
         let polled = self.relay_turns(cx, now);
         // Counters once per wake-up, however many turns it took.
         self.flush_record();
