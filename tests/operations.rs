@@ -867,3 +867,49 @@ async fn a_changed_listener_address_needs_a_restart_and_the_old_one_keeps_servin
         "nothing should listen on {moved_to} before a restart"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// One worker thread
+
+/// `worker_threads = 1` runs a single-threaded scheduler: proxied and builtin WebSockets,
+/// a SIGHUP reload (files read off the scheduler's thread) and the drain all still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_proxies_reloads_and_drains() {
+    let upstream = spawn_ws_upstream().await;
+    let base = format!(
+        "[runtime]\nworker_threads = 1\n{}{NO_RATE_LIMIT}\n{ECHO_ROUTE}",
+        timeouts("drain_spread = \"0s\"\nshutdown_grace = \"5s\"")
+    );
+    let mut wsgate = Wsgate::start(&base).await;
+    let mut live = wsraw::connect(wsgate.public, "/echo").await;
+    assert_echo(&mut live, "builtin echo on one worker").await;
+
+    let chat = format!(
+        "{base}\n[upstreams.chat]\nservers = [\"{}\"]\n[routes.chat]\npath = \"/chat\"\nupstream = \"chat\"\n",
+        upstream.addr
+    );
+    wsgate.rewrite(&chat);
+    wsgate.signal("HUP");
+    wsgate
+        .wait_metric("wsgate_config_reloads_total{result=\"success\"}", 1.0)
+        .await;
+    let url = format!("ws://{}/chat", wsgate.public);
+    let (mut ws, _) = support::ws_connect(url.as_str()).await;
+    ws.send(Message::text("proxied on one worker"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_data(&mut ws).await,
+        Message::text("proxied on one worker")
+    );
+    assert_echo(&mut live, "after the reload").await;
+
+    let (mut reader, mut writer) = live.split();
+    wsgate.signal("TERM");
+    let close = next_frame(&mut reader, "the drain's close").await;
+    assert_eq!(close.close(), (1001, "going away".to_string()));
+    writer.send(&client_close(1001, "")).await;
+    drop(ws);
+    let status = wsgate.wait_exit(LIMIT).await.expect("wsgate exits");
+    assert!(status.success(), "exit status {status}");
+}
