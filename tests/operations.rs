@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::{
     http_request, next_data, peer_leaf, raw_exchange, read_head, spawn_proxy, spawn_ws_upstream,
-    tls_connect, within, RawResponse, TestCa, TestDir, LIMIT, RELAXED_TIMEOUTS,
+    tls_connect, within, RawResponse, TestCa, TestCert, TestDir, LIMIT, RELAXED_TIMEOUTS,
 };
 use wsraw::{client_close, client_frame, op, server_close, Ended, Frame, WsConn};
 
@@ -268,6 +268,13 @@ fn timeouts(drain: &str) -> String {
 }
 
 const ECHO_ROUTE: &str = "[routes.echo]\npath = \"/echo\"\nbuiltin = \"echo\"\n";
+
+/// Route `/chat` to upstream `chat` with the one server `addr`.
+fn chat_route(addr: SocketAddr) -> String {
+    format!(
+        "[upstreams.chat]\nservers = [\"{addr}\"]\n[routes.chat]\npath = \"/chat\"\nupstream = \"chat\"\n"
+    )
+}
 
 /// No handshake-rate limit: the drain test opens 50 connections at once from one address.
 const NO_RATE_LIMIT: &str = "[limits]\nhandshake_rate_per_ip = \"0/s\"\n";
@@ -653,10 +660,7 @@ async fn post_reload_adds_a_route_and_a_broken_file_changes_nothing() {
     .await;
     assert_eq!(before.status, 404, "{before:?}");
 
-    let chat = format!(
-        "[upstreams.chat]\nservers = [\"{}\"]\n[routes.chat]\npath = \"/chat\"\nupstream = \"chat\"\n",
-        upstream.addr
-    );
+    let chat = chat_route(upstream.addr);
     dir.write("proxy.toml", with_ephemeral_admin(&reload_config(&chat)));
     let reloaded = admin_post(proxy.admin(), "/reload").await;
     assert_eq!(reloaded.status, 200, "{}", reloaded.body_text());
@@ -732,10 +736,7 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_old_config() {
     let mut live = wsraw::connect(wsgate.public, "/echo").await;
     assert_echo(&mut live, "before SIGHUP").await;
 
-    let chat = format!(
-        "{base}\n[upstreams.chat]\nservers = [\"{}\"]\n[routes.chat]\npath = \"/chat\"\nupstream = \"chat\"\n",
-        upstream.addr
-    );
+    let chat = format!("{base}\n{}", chat_route(upstream.addr));
     wsgate.rewrite(&chat);
     wsgate.signal("HUP");
     wsgate
@@ -781,6 +782,35 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_old_config() {
     assert_eq!(not_routed.status, 404);
 }
 
+/// A wss connection to `/echo` at `addr` whose server presented `expected`, checked with one
+/// echo of `text`.
+async fn wss_echo_expecting(
+    addr: SocketAddr,
+    ca: &TestCa,
+    expected: &TestCert,
+    text: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls = within(
+        "a TLS handshake",
+        tls_connect(addr, "localhost", ca.client_config()),
+    )
+    .await
+    .expect("TLS handshake");
+    assert!(
+        peer_leaf(&tls) == expected.der,
+        "the client should see the expected certificate ({text})"
+    );
+    let (mut ws, _) = within(
+        "a wss handshake",
+        tokio_tungstenite::client_async("wss://localhost/echo", tls),
+    )
+    .await
+    .expect("wss handshake");
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text(text));
+    ws
+}
+
 #[tokio::test]
 async fn reload_swaps_certificates_for_new_tls_clients() {
     let dir = TestDir::new();
@@ -794,41 +824,13 @@ async fn reload_swaps_certificates_for_new_tls_clients() {
     let proxy = spawn_proxy(&config, &dir).await;
     let addr = proxy.addr("secure");
 
-    let tls = within(
-        "a TLS handshake",
-        tls_connect(addr, "localhost", ca.client_config()),
-    )
-    .await
-    .expect("TLS handshake with certificate A");
-    assert!(peer_leaf(&tls) == cert_a.der, "first client sees cert A");
-    let (mut old, _) = within(
-        "a wss handshake",
-        tokio_tungstenite::client_async("wss://localhost/echo", tls),
-    )
-    .await
-    .expect("wss handshake");
-    old.send(Message::text("over cert A")).await.unwrap();
-    assert_eq!(next_data(&mut old).await, Message::text("over cert A"));
+    let mut old = wss_echo_expecting(addr, &ca, &cert_a, "over cert A").await;
 
     cert_b.write(&dir, "server");
     let reloaded = admin_post(proxy.admin(), "/reload").await;
     assert_eq!(reloaded.status, 200, "{}", reloaded.body_text());
 
-    let tls = within(
-        "a TLS handshake",
-        tls_connect(addr, "localhost", ca.client_config()),
-    )
-    .await
-    .expect("TLS handshake with certificate B");
-    assert!(peer_leaf(&tls) == cert_b.der, "a new client sees cert B");
-    let (mut new, _) = within(
-        "a wss handshake",
-        tokio_tungstenite::client_async("wss://localhost/echo", tls),
-    )
-    .await
-    .expect("wss handshake");
-    new.send(Message::text("over cert B")).await.unwrap();
-    assert_eq!(next_data(&mut new).await, Message::text("over cert B"));
+    let _new = wss_echo_expecting(addr, &ca, &cert_b, "over cert B").await;
 
     // The connection made with cert A keeps working.
     old.send(Message::text("still over cert A")).await.unwrap();
@@ -884,10 +886,7 @@ async fn one_worker_thread_proxies_reloads_and_drains() {
     let mut live = wsraw::connect(wsgate.public, "/echo").await;
     assert_echo(&mut live, "builtin echo on one worker").await;
 
-    let chat = format!(
-        "{base}\n[upstreams.chat]\nservers = [\"{}\"]\n[routes.chat]\npath = \"/chat\"\nupstream = \"chat\"\n",
-        upstream.addr
-    );
+    let chat = format!("{base}\n{}", chat_route(upstream.addr));
     wsgate.rewrite(&chat);
     wsgate.signal("HUP");
     wsgate

@@ -132,28 +132,29 @@ fn ca_pem(ca: &TestCa) -> String {
     ca.ca_pem()
 }
 
+/// Listener `public` and route `/` to upstream `app`: servers `a` and `b`, balanced by
+/// `balance`.
+fn two_servers(a: std::net::SocketAddr, b: std::net::SocketAddr, balance: &str) -> String {
+    format!(
+        r#"
+[listeners.public]
+bind = "127.0.0.1:0"
+[upstreams.app]
+servers = ["{a}", "{b}"]
+balance = "{balance}"
+[routes.app]
+path = "/"
+upstream = "app"
+"#
+    )
+}
+
 #[tokio::test]
 async fn least_conn_sends_new_connections_to_the_idler_server() {
     let dir = TestDir::new();
     let a = spawn_ws_upstream().await;
     let b = spawn_ws_upstream().await;
-    let proxy = spawn_proxy(
-        &format!(
-            r#"
-[listeners.public]
-bind = "127.0.0.1:0"
-[upstreams.app]
-servers = ["{}", "{}"]
-balance = "least_conn"
-[routes.app]
-path = "/"
-upstream = "app"
-"#,
-            a.addr, b.addr
-        ),
-        &dir,
-    )
-    .await;
+    let proxy = spawn_proxy(&two_servers(a.addr, b.addr, "least_conn"), &dir).await;
     let url = format!("ws://{}/ws", proxy.addr("public"));
     // Hold four connections open: least_conn spreads them two and two.
     let mut held = Vec::new();
@@ -342,23 +343,7 @@ async fn cookie_balancing_sticks_to_the_server_that_set_the_cookie() {
         "b",
     ))
     .await;
-    let proxy = spawn_proxy(
-        &format!(
-            r#"
-[listeners.public]
-bind = "127.0.0.1:0"
-[upstreams.app]
-servers = ["{}", "{}"]
-balance = "cookie:io"
-[routes.app]
-path = "/"
-upstream = "app"
-"#,
-            a.addr, b.addr
-        ),
-        &dir,
-    )
-    .await;
+    let proxy = spawn_proxy(&two_servers(a.addr, b.addr, "cookie:io"), &dir).await;
     let mut client = HttpClient::connect(proxy.addr("public")).await;
     let first = client.get("a.test", "/", &[]).await;
     let server = first.headers()["x-server"].to_str().unwrap().to_owned();

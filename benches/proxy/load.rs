@@ -320,6 +320,30 @@ fn base_json(opts: &Opts, mode: &str) -> serde_json::Map<String, Value> {
     m
 }
 
+/// What a timed run (echo, paced, handshake) reports: operations completed in the window,
+/// their latency, errors (plus `extra_errors` counted elsewhere) and the watched processes.
+fn timed_json(
+    opts: &Opts,
+    mode: &str,
+    tally: &Tally,
+    sampler: Sampler,
+    extra_errors: u64,
+) -> serde_json::Map<String, Value> {
+    let ops = tally.ops.get();
+    let mut m = base_json(opts, mode);
+    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
+    m.insert("ops".into(), ops.into());
+    m.insert(
+        "ops_per_s".into(),
+        (ops as f64 / opts.duration.as_secs_f64()).into(),
+    );
+    m.insert("latency_us".into(), tally.latency_json());
+    m.insert("errors".into(), (tally.errors.get() + extra_errors).into());
+    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
+    m.insert("watched".into(), sampler.finish(opts, ops));
+    m
+}
+
 async fn connect_all(opts: &Opts, target: &Target) -> anyhow::Result<Vec<(Conn, FrameReader)>> {
     let mut conns = Vec::with_capacity(opts.conns);
     for i in 0..opts.conns {
@@ -411,19 +435,7 @@ async fn echo(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     for task in tasks {
         let _ = task.await;
     }
-    let ops = tally.ops.get();
-    let mut m = base_json(opts, "echo");
-    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
-    m.insert("ops".into(), ops.into());
-    m.insert(
-        "ops_per_s".into(),
-        (ops as f64 / opts.duration.as_secs_f64()).into(),
-    );
-    m.insert("latency_us".into(), tally.latency_json());
-    m.insert("errors".into(), tally.errors.get().into());
-    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
-    m.insert("watched".into(), sampler.finish(opts, ops));
-    Ok(Value::Object(m))
+    Ok(Value::Object(timed_json(opts, "echo", &tally, sampler, 0)))
 }
 
 /// Payload of a paced message: intended send time (ns after t0), then filler.
@@ -505,22 +517,11 @@ async fn paced(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     let pace_errors = pacer.join().expect("pacer thread");
     let total_sent = sent.load(Ordering::Acquire);
     let lost = total_sent.saturating_sub(received.get());
-    let ops = tally.ops.get();
-    let mut m = base_json(opts, "paced");
+    let mut m = timed_json(opts, "paced", &tally, sampler, pace_errors);
     m.insert("size".into(), size.into());
     m.insert("rate".into(), opts.rate.into());
-    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
-    m.insert("ops".into(), ops.into());
-    m.insert(
-        "ops_per_s".into(),
-        (ops as f64 / opts.duration.as_secs_f64()).into(),
-    );
     m.insert("sent".into(), total_sent.into());
     m.insert("lost".into(), lost.into());
-    m.insert("latency_us".into(), tally.latency_json());
-    m.insert("errors".into(), (tally.errors.get() + pace_errors).into());
-    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
-    m.insert("watched".into(), sampler.finish(opts, ops));
     Ok(Value::Object(m))
 }
 
@@ -639,19 +640,13 @@ async fn handshake(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     for task in tasks {
         let _ = task.await;
     }
-    let ops = tally.ops.get();
-    let mut m = base_json(opts, "handshake");
-    m.insert("duration_s".into(), opts.duration.as_secs_f64().into());
-    m.insert("ops".into(), ops.into());
-    m.insert(
-        "ops_per_s".into(),
-        (ops as f64 / opts.duration.as_secs_f64()).into(),
-    );
-    m.insert("latency_us".into(), tally.latency_json());
-    m.insert("errors".into(), tally.errors.get().into());
-    m.insert("error_samples".into(), json!(*tally.error_samples.borrow()));
-    m.insert("watched".into(), sampler.finish(opts, ops));
-    Ok(Value::Object(m))
+    Ok(Value::Object(timed_json(
+        opts,
+        "handshake",
+        &tally,
+        sampler,
+        0,
+    )))
 }
 
 async fn idle(opts: &Opts, target: &Target) -> anyhow::Result<Value> {

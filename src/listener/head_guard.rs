@@ -109,21 +109,25 @@ impl Scanner {
                     };
                     continue;
                 }
-                // Inside a line where only its end matters: jump to it.
-                State::RequestLine | State::ChunkExt(_) | State::Trailer => {}
-                State::Value if !self.in_content_length => {}
-                _ => {
-                    self.step(bytes, i);
-                    i += 1;
-                    continue;
-                }
+                _ => {}
             }
-            match bytes[i..].iter().position(|&b| b == b'\n') {
-                Some(n) => i += n,
-                None => return,
+            if self.only_line_end_matters() {
+                i = match bytes[i..].iter().position(|&b| b == b'\n') {
+                    Some(n) => i + n,
+                    None => return,
+                };
             }
             self.step(bytes, i);
             i += 1;
+        }
+    }
+
+    /// Inside a line whose bytes up to its end change nothing: the scan can jump to it.
+    fn only_line_end_matters(&self) -> bool {
+        match self.state {
+            State::RequestLine | State::ChunkExt(_) | State::Trailer => true,
+            State::Value => !self.in_content_length,
+            _ => false,
         }
     }
 

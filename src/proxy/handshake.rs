@@ -139,6 +139,11 @@ pub async fn forward(
         return Err(connect_failure(&upstream, last_connect_error));
     };
     let active = server.track();
+    // Every way the upstream's answer can be unusable: 502 naming the server and the problem.
+    let broken = |problem: &dyn std::fmt::Display| ProxyError::UpstreamBroken {
+        upstream: upstream.name.to_string(),
+        reason: format!("{} {problem}", server.label),
+    };
 
     let exchange = async {
         stream.write_all(&request_head).await?;
@@ -147,12 +152,7 @@ pub async fn forward(
     };
     let head = match tokio::time::timeout(timeouts.upstream_handshake, exchange).await {
         Ok(Ok(head)) => head,
-        Ok(Err(e)) => {
-            return Err(ProxyError::UpstreamBroken {
-                upstream: upstream.name.to_string(),
-                reason: format!("{} {e}", server.label),
-            })
-        }
+        Ok(Err(e)) => return Err(broken(&e)),
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
                 upstream: upstream.name.to_string(),
@@ -168,11 +168,7 @@ pub async fn forward(
 
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Relayed as is: the upstream refused (401, 403, 404, ...) and the client should see why.
-        let framing =
-            upgrade::framing(status, &headers).map_err(|e| ProxyError::UpstreamBroken {
-                upstream: upstream.name.to_string(),
-                reason: format!("{} {e}", server.label),
-            })?;
+        let framing = upgrade::framing(status, &headers).map_err(|e| broken(&e))?;
         if headers.contains_key(header::TRANSFER_ENCODING) {
             headers.remove(header::CONTENT_LENGTH);
         }
@@ -189,13 +185,7 @@ pub async fn forward(
     let expected = accept_key(key.as_bytes());
     let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|a| a.as_bytes()) != Some(expected.as_bytes()) {
-        return Err(ProxyError::UpstreamBroken {
-            upstream: upstream.name.to_string(),
-            reason: format!(
-                "{} answered 101 with a wrong Sec-WebSocket-Accept",
-                server.label
-            ),
-        });
+        return Err(broken(&"answered 101 with a wrong Sec-WebSocket-Accept"));
     }
 
     // Frames the upstream sent right behind its 101 (rare): handed to the tunnel first.

@@ -114,9 +114,6 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, StatusCode, HeaderMap)>, Head
     let len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HeadError::Invalid("more than 100 header lines"))
-        }
         Err(e) => return Err(HeadError::Invalid(parse_error(e))),
     };
     let status = response

@@ -1088,11 +1088,11 @@ where
         loop {
             match this.phase {
                 Phase::Relaying => {
+                    // (poll_relay has flushed the counters on its way out.)
                     ready!(this.poll_relay(cx));
                     // Relay buffers are not needed any more.
                     this.c2u.buf = None;
                     this.u2c.buf = None;
-                    this.flush_record();
                     // Both peers finished with a close frame or EOF: nothing unread is left,
                     // so dropping the sockets sends a plain FIN. Otherwise input may still
                     // arrive, and closing over it would send a reset that can destroy the

@@ -314,8 +314,7 @@ pub fn answer_status(status_line: &str, headers: &[(&str, &str)], body: &str) ->
         answer.push_str(&format!("{name}: {value}\r\n"));
     }
     answer.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    let answer = answer.into_bytes();
-    Arc::new(move |_: &RawHead| answer.clone())
+    answer_bytes(answer.as_bytes())
 }
 
 // ---------------------------------------------------------------------------------------
