@@ -35,6 +35,8 @@ pub struct Gateway {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// `[runtime] splice`: large frames between plain TCP sockets bypass wsgate's memory.
+    pub splice: bool,
     /// Stops this generation's health checks when the gateway is dropped (after a reload,
     /// once the last request holding it is done).
     _health_checks: DropGuard,
@@ -71,6 +73,7 @@ impl Gateway {
             upstreams,
             timeouts: config.timeouts,
             limits: config.limits,
+            splice: config.runtime.splice,
             _health_checks: stop.drop_guard(),
         }
     }

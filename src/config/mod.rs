@@ -58,6 +58,8 @@ pub enum LogFormat {
 pub struct RuntimeConfig {
     /// Tokio worker threads; 0 means one per CPU core. Default 0.
     pub worker_threads: usize,
+    /// Relay large frames between plain TCP sockets with splice(2) (Linux). Default true.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +273,7 @@ pub mod defaults {
     pub const LOG_FORMAT: LogFormat = LogFormat::Text;
     /// `[runtime] worker_threads` (threads): 0 = one per CPU core, tokio's own default.
     pub const WORKER_THREADS: usize = 0;
+    pub const SPLICE: bool = true;
     /// `[admin] bind`: loopback only, so metrics and connection control are never public by
     /// accident; 9090 is the customary metrics port.
     pub const ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);

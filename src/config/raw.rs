@@ -93,6 +93,7 @@ pub struct RawLog {
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub struct RawRuntime {
     pub worker_threads: Option<Spanned<i64>>,
+    pub splice: Option<bool>,
 }
 
 /// `[admin]`

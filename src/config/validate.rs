@@ -125,6 +125,10 @@ impl Checker<'_> {
     fn runtime(&mut self, raw: Option<raw::RawRuntime>) -> RuntimeConfig {
         let mut runtime = RuntimeConfig {
             worker_threads: defaults::WORKER_THREADS,
+            splice: raw
+                .as_ref()
+                .and_then(|r| r.splice)
+                .unwrap_or(defaults::SPLICE),
         };
         if let Some(threads) = raw.and_then(|r| r.worker_threads) {
             let n = *threads.get_ref();

@@ -206,7 +206,7 @@ pub async fn forward(
         Some((&upstream, &server)),
         subprotocol,
     );
-    let settings = TunnelSettings::new(timeouts, &shared.gateway.load().limits);
+    let settings = TunnelSettings::new(timeouts, &shared.gateway.load());
     debug!(id = record.identity.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {

@@ -85,6 +85,15 @@ impl UpstreamTlsContext {
     }
 }
 
+impl crate::ws::splice::SpliceIo for UpstreamStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            UpstreamStream::Plain(s) => Some(s),
+            UpstreamStream::Tls(_) => None,
+        }
+    }
+}
+
 impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -37,7 +37,7 @@ where
 {
     let on_upgrade = hyper::upgrade::on(req);
     let record = super::new_record(shared, route, conn, None, None);
-    let settings = TunnelSettings::new(route.config.timeouts, &shared.gateway.load().limits);
+    let settings = TunnelSettings::new(route.config.timeouts, &shared.gateway.load());
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
         let _permit = permit;

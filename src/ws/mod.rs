@@ -7,6 +7,7 @@ pub mod codec;
 pub mod echo;
 pub mod keepalive;
 pub mod record;
+pub mod splice;
 pub mod tunnel;
 
 use std::future::Future;
@@ -94,7 +95,7 @@ pub fn tunnel_to<U>(
     record: Arc<ConnRecord>,
 ) -> BoxedTunnel
 where
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + splice::SpliceIo + Unpin + Send + 'static,
 {
     match client {
         ClientIo::Plain(c) => Box::pin(Tunnel::new(

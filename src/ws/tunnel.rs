@@ -20,12 +20,14 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Duration, Instant, Sleep};
 
-use crate::config::{Limits, Rate, Timeouts};
+use crate::config::{Rate, Timeouts};
+use crate::gateway::Gateway;
 use crate::metrics;
 use crate::ws::buffer::RelayBuf;
 use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
 use crate::ws::keepalive::{Keepalive, KeepaliveAction};
 use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
+use crate::ws::splice::{self, Pipe, SpliceIo, SPLICE_MIN_FRAME};
 
 /// How long a closing tunnel keeps reading (and discarding) after shutting its sockets, so
 /// unread input does not turn the close into a TCP reset that could destroy the close frame
@@ -71,14 +73,18 @@ pub struct TunnelSettings {
     pub timeouts: Timeouts,
     pub max_frame_size: u64,
     pub max_frame_rate: Option<Rate>,
+    /// Large frames between two plain TCP sockets may be spliced (see [`splice`]).
+    pub splice: bool,
 }
 
 impl TunnelSettings {
-    pub fn new(timeouts: Timeouts, limits: &Limits) -> Self {
+    /// The settings of a new tunnel under the current configuration.
+    pub fn new(timeouts: Timeouts, gateway: &Gateway) -> Self {
         TunnelSettings {
             timeouts,
-            max_frame_size: limits.max_frame_size,
-            max_frame_rate: limits.max_frame_rate,
+            max_frame_size: gateway.limits.max_frame_size,
+            max_frame_rate: gateway.limits.max_frame_rate,
+            splice: gateway.splice,
         }
     }
 }
@@ -161,6 +167,46 @@ struct Half {
     src_quiet: bool,
     /// Frame-rate limiter (client direction only).
     rate: Option<TokenBucket>,
+    /// Both sockets are plain TCP and splicing is on: large frames may bypass `buf`.
+    splice_capable: bool,
+    /// The last data frame was large: the next header is peeked, and a large frame spliced.
+    splice_hint: bool,
+    /// Bytes of the frame being spliced (header included) still to move from `src` to the pipe.
+    splice_left: u64,
+    /// Of those, header bytes (a frame is handed to the ordinary path only past its header).
+    splice_header: u8,
+    /// Borrowed while a spliced frame is in flight; holds `piped` bytes not yet written to `dst`.
+    pipe: Option<Pipe>,
+    piped: usize,
+}
+
+/// What the splice path did in one read step.
+enum SpliceStep {
+    /// `src` has nothing now (its waker is registered).
+    Pending,
+    /// Bytes moved, or the input ended or broke a rule.
+    Progress,
+    /// Not a frame to splice (small, control, incomplete header, no pipe): read it as usual.
+    Declined,
+}
+
+/// Counts a data frame and charges the frame-rate limiter; false when the limit is exceeded.
+fn take_data_frame(
+    rate: &mut Option<TokenBucket>,
+    frames: &mut OpcodeCounts,
+    opcode: OpCode,
+    now: Instant,
+    events: &mut Events,
+) -> bool {
+    if let Some(bucket) = rate.as_mut() {
+        if !bucket.take(now) {
+            return false;
+        }
+    }
+    frames[opcode_index(opcode)] += 1;
+    events.heard = true;
+    events.data = true;
+    true
 }
 
 impl Half {
@@ -195,6 +241,12 @@ impl Half {
             dst_shut: false,
             src_quiet: false,
             rate: rate.map(|r| TokenBucket::new(r, now)),
+            splice_capable: false,
+            splice_hint: false,
+            splice_left: 0,
+            splice_header: 0,
+            pipe: None,
+            piped: 0,
         }
     }
 
@@ -253,34 +305,61 @@ impl Half {
         }
     }
 
+    /// Between two frames of the input (bytes may still wait in the pipe).
     fn at_boundary(&self) -> bool {
-        self.frame_left == 0
+        self.frame_left == 0 && self.splice_left == 0
     }
 
     /// Whether everything approved and queued is written (or can never be: `dst` failed, or
     /// `src` ended in the middle of a frame so no boundary will come for wsgate's frames).
     fn flushed(&self) -> bool {
         self.wpos == self.scan
+            && self.piped == 0
             && (!self.inject_pending() || self.dst_failed || (self.src_done && !self.at_boundary()))
     }
 
     /// Reading waits until everything approved is written and no queued frame of wsgate's
     /// could go out now; a queued frame waiting for a boundary needs more input to get one.
     fn can_read(&self) -> bool {
-        self.wpos == self.scan && (self.dst_failed || !self.inject_pending() || !self.at_boundary())
+        self.wpos == self.scan
+            && self.piped == 0
+            && (self.dst_failed || !self.inject_pending() || !self.at_boundary())
     }
 
     /// Writes approved bytes, then queued control frames at a frame boundary.
     /// Returns whether anything was written (or failed).
-    fn poll_write<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> bool {
+    fn poll_write<W: AsyncWrite + SpliceIo + Unpin>(
+        &mut self,
+        dst: &mut W,
+        cx: &mut Context<'_>,
+    ) -> bool {
         if self.dst_failed {
-            let progressed = self.wpos != self.scan;
+            let progressed = self.wpos != self.scan || self.piped > 0;
             self.wpos = self.scan;
+            self.drop_pipe();
             return progressed;
         }
         let mut progressed = false;
         loop {
-            if self.wpos < self.scan {
+            if self.piped > 0 {
+                let (Some(pipe), Some(tcp)) = (self.pipe.as_ref(), dst.tcp()) else {
+                    self.dst_failed = true;
+                    self.drop_pipe();
+                    return true;
+                };
+                match splice::poll_splice_out(tcp, cx, pipe, self.piped) {
+                    Poll::Pending => return progressed,
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.dst_failed = true;
+                        self.drop_pipe();
+                        return true;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        progressed = true;
+                        self.piped -= n.min(self.piped);
+                    }
+                }
+            } else if self.wpos < self.scan {
                 let Some(buf) = self.buf.as_ref() else {
                     self.wpos = self.scan;
                     continue;
@@ -333,7 +412,7 @@ impl Half {
 
     /// Reads once from `src` (when everything before is written) and parses what came.
     /// Returns whether anything happened.
-    fn poll_read<R: AsyncRead + Unpin>(
+    fn poll_read<R: AsyncRead + SpliceIo + Unpin>(
         &mut self,
         src: &mut R,
         cx: &mut Context<'_>,
@@ -369,6 +448,23 @@ impl Half {
         if self.src_quiet {
             return false;
         }
+        if self.splice_capable
+            && self.filled == 0
+            && self.frame_left == 0
+            && !self.discarding
+            && (self.splice_left > 0 || self.splice_hint)
+        {
+            if let Some(tcp) = src.tcp() {
+                match self.poll_splice_in(tcp, cx, now, events) {
+                    SpliceStep::Pending => {
+                        self.src_quiet = true;
+                        return false;
+                    }
+                    SpliceStep::Progress => return true,
+                    SpliceStep::Declined => {}
+                }
+            }
+        }
         let buf = self.buf.get_or_insert_with(RelayBuf::take);
         let mut read_buf = ReadBuf::new(&mut buf[self.filled..]);
         match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
@@ -395,10 +491,112 @@ impl Half {
         }
     }
 
-    /// Nothing in flight: the buffer goes back to the pool while the source is quiet.
+    /// The splice path: the next frame, when it is a large data frame, moves from `src` into
+    /// a pipe without entering wsgate's memory; `poll_write` moves it on to `dst`.
+    fn poll_splice_in(
+        &mut self,
+        src: &tokio::net::TcpStream,
+        cx: &mut Context<'_>,
+        now: Instant,
+        events: &mut Events,
+    ) -> SpliceStep {
+        if self.pipe.is_none() {
+            match Pipe::take() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                // Out of descriptors, say: the relay buffer still works.
+                Err(_) => return SpliceStep::Declined,
+            }
+        }
+        let mut started = false;
+        if self.splice_left == 0 {
+            let mut head = [0u8; codec::MAX_HEADER_LEN];
+            let n = match splice::poll_peek(src, cx, &mut head) {
+                Poll::Pending => return SpliceStep::Pending,
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(_)) => return SpliceStep::Declined,
+            };
+            // Parsed on a copy: a frame the ordinary path reads is parsed again there.
+            let mut decoder = self.decoder.clone();
+            let header = match decoder.parse_header(&head[..n]) {
+                Ok(Some(h))
+                    if !h.opcode.is_control()
+                        && u64::from(h.header_len) + h.payload_len >= SPLICE_MIN_FRAME =>
+                {
+                    h
+                }
+                Ok(Some(_)) => {
+                    self.splice_hint = false;
+                    return SpliceStep::Declined;
+                }
+                // End of input, an incomplete header or a broken one: the ordinary read
+                // reports it.
+                Ok(None) | Err(_) => return SpliceStep::Declined,
+            };
+            if !take_data_frame(
+                &mut self.rate,
+                &mut self.unflushed_frames,
+                header.opcode,
+                now,
+                events,
+            ) {
+                self.violation = Some(Violation::RateLimit);
+                self.src_done = true;
+                return SpliceStep::Progress;
+            }
+            self.decoder = decoder;
+            self.splice_left = u64::from(header.header_len) + header.payload_len;
+            self.splice_header = header.header_len;
+            started = true;
+        }
+        let Some(pipe) = self.pipe.as_ref() else {
+            return SpliceStep::Declined;
+        };
+        let len = self.splice_left.min(pipe.capacity() as u64) as usize;
+        match splice::poll_splice_in(src, cx, pipe, len) {
+            Poll::Pending if started => {
+                self.src_quiet = true;
+                SpliceStep::Progress
+            }
+            Poll::Pending => SpliceStep::Pending,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                self.end_of_input();
+                SpliceStep::Progress
+            }
+            Poll::Ready(Ok(n)) => {
+                let n = n.min(len);
+                self.splice_left -= n as u64;
+                self.splice_header -= n.min(usize::from(self.splice_header)) as u8;
+                self.piped += n;
+                self.unflushed_bytes += n as u64;
+                SpliceStep::Progress
+            }
+        }
+    }
+
+    /// `dst` failed: bytes in the pipe can never be written, and the pipe is not reusable.
+    fn drop_pipe(&mut self) {
+        self.piped = 0;
+        self.pipe = None;
+    }
+
+    /// Nothing in flight: the buffer and the pipe go back to their pools while the source
+    /// is quiet.
     fn release_idle_buf(&mut self) {
         if self.filled == 0 {
             self.buf = None;
+        }
+        if self.piped == 0 && self.pipe.is_some() {
+            if self.splice_left > 0 && self.splice_header == 0 {
+                // Only payload is left of the frame being spliced: the ordinary path takes
+                // it over, so a sender pausing mid-frame does not hold two descriptors.
+                self.frame_left = self.splice_left;
+                self.splice_left = 0;
+            }
+            if self.splice_left == 0 {
+                if let Some(pipe) = self.pipe.take() {
+                    pipe.put_back();
+                }
+            }
         }
     }
 
@@ -498,17 +696,21 @@ impl Half {
                 }
                 self.scan += total;
             } else {
-                if let Some(bucket) = self.rate.as_mut() {
-                    if !bucket.take(now) {
-                        self.violation = Some(Violation::RateLimit);
-                        self.src_done = true;
-                        self.filled = self.scan;
-                        break;
-                    }
+                if !take_data_frame(
+                    &mut self.rate,
+                    &mut self.unflushed_frames,
+                    header.opcode,
+                    now,
+                    events,
+                ) {
+                    self.violation = Some(Violation::RateLimit);
+                    self.src_done = true;
+                    self.filled = self.scan;
+                    break;
                 }
-                self.unflushed_frames[opcode_index(header.opcode)] += 1;
-                events.heard = true;
-                events.data = true;
+                if self.splice_capable {
+                    self.splice_hint = header_len as u64 + header.payload_len >= SPLICE_MIN_FRAME;
+                }
                 self.scan += header_len;
                 self.frame_left = header.payload_len;
             }
@@ -607,8 +809,8 @@ pub struct Tunnel<C, U> {
 
 impl<C, U> Tunnel<C, U>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + SpliceIo + Unpin,
+    U: AsyncRead + AsyncWrite + SpliceIo + Unpin,
 {
     /// `client_early` and `upstream_early` are bytes read past the handshake by the HTTP layer.
     pub fn new(
@@ -637,6 +839,12 @@ where
             now,
         );
         u2c.prefill(upstream_early);
+        let splice_capable = settings.splice
+            && splice::SUPPORTED
+            && client.tcp().is_some()
+            && upstream.tcp().is_some();
+        c2u.splice_capable = splice_capable;
+        u2c.splice_capable = splice_capable;
         let first = now + t.idle;
         Tunnel {
             client,
@@ -1078,8 +1286,8 @@ fn drain_to_eof<R: AsyncRead + Unpin>(
 
 impl<C, U> Future for Tunnel<C, U>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + SpliceIo + Unpin,
+    U: AsyncRead + AsyncWrite + SpliceIo + Unpin,
 {
     type Output = Outcome;
 
