@@ -39,6 +39,7 @@ pub struct Metrics {
     connection_duration: HistogramVec,
     frames_total: IntCounterVec,
     bytes_total: IntCounterVec,
+    spliced_bytes_total: IntCounterVec,
     closes_total: IntCounterVec,
     pings_sent_total: IntCounterVec,
     pong_timeouts_total: IntCounterVec,
@@ -169,6 +170,11 @@ impl Metrics {
                 "WebSocket bytes relayed (frame headers included, after TLS), by direction.",
                 &["route", "direction"],
             ),
+            spliced_bytes_total: counter(
+                "spliced_bytes_total",
+                "Of wsgate_bytes_total, the bytes of large frames moved by splice(2), never copied into wsgate.",
+                &["route", "direction"],
+            ),
             closes_total: counter(
                 "closes_total",
                 "Ended WebSocket connections by who closed first and the close code.",
@@ -234,6 +240,7 @@ impl Metrics {
             Box::new(m.connection_duration.clone()),
             Box::new(m.frames_total.clone()),
             Box::new(m.bytes_total.clone()),
+            Box::new(m.spliced_bytes_total.clone()),
             Box::new(m.closes_total.clone()),
             Box::new(m.pings_sent_total.clone()),
             Box::new(m.pong_timeouts_total.clone()),
@@ -270,18 +277,22 @@ impl Metrics {
     pub fn route(&self, route: &str) -> RouteMetrics {
         let dir = |d: Direction| {
             let bytes = self.bytes_total.with_label_values(&[route, d.label()]);
+            let spliced = self
+                .spliced_bytes_total
+                .with_label_values(&[route, d.label()]);
             let frames =
                 OPCODES.map(|op| self.frames_total.with_label_values(&[route, d.label(), op]));
-            (bytes, frames)
+            (bytes, spliced, frames)
         };
-        let (c2u_bytes, c2u_frames) = dir(Direction::ClientToUpstream);
-        let (u2c_bytes, u2c_frames) = dir(Direction::UpstreamToClient);
+        let (c2u_bytes, c2u_spliced, c2u_frames) = dir(Direction::ClientToUpstream);
+        let (u2c_bytes, u2c_spliced, u2c_frames) = dir(Direction::UpstreamToClient);
         RouteMetrics {
             route: route.to_string(),
             connections_active: self.connections_active.with_label_values(&[route]),
             handshake_duration: self.handshake_duration.with_label_values(&[route]),
             connection_duration: self.connection_duration.with_label_values(&[route]),
             bytes: [c2u_bytes, u2c_bytes],
+            spliced_bytes: [c2u_spliced, u2c_spliced],
             frames: [c2u_frames, u2c_frames],
             pings_sent: self.pings_sent_total.with_label_values(&[route]),
             pong_timeouts: self.pong_timeouts_total.with_label_values(&[route]),
@@ -334,6 +345,8 @@ pub struct RouteMetrics {
     pub connection_duration: Histogram,
     /// Indexed by [`direction_index`].
     pub bytes: [IntCounter; 2],
+    /// Indexed by [`direction_index`]: the part of `bytes` that was spliced.
+    pub spliced_bytes: [IntCounter; 2],
     /// Indexed by [`direction_index`], then opcode position in [`OPCODES`].
     pub frames: [[IntCounter; 6]; 2],
     pub pings_sent: IntCounter,

@@ -869,3 +869,229 @@ async fn random_frames_arrive_byte_identical() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Large frames between plain TCP sockets: spliced, never copied into wsgate
+
+/// Routes of a gateway with `[runtime] splice = false`.
+fn routes_without_splice() -> String {
+    format!("[runtime]\nsplice = false\n{WS_ROUTE}")
+}
+
+/// Payload of `len` bytes that differs at every position, so a shifted or dropped byte shows.
+fn patterned(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// One peer's stream of large and small frames: the first large frame tells wsgate the
+/// direction carries large frames (it is read as usual), the ones after it are spliced.
+/// A ping, a fragmented message of two large fragments and small frames sit in between.
+fn mixed_large_stream(masked: bool) -> Vec<Vec<u8>> {
+    let mask = || masked.then(random_mask);
+    vec![
+        encode(true, 0, op::TEXT, b"hello", mask()),
+        encode(true, 0, op::BINARY, &patterned(100 * 1024, 1), mask()),
+        encode(true, 0, op::TEXT, &vec![b'a'; 40 * 1024], mask()),
+        encode(true, 0, op::PING, b"still there?", mask()),
+        encode(true, 0, op::BINARY, &patterned(300 * 1024, 2), mask()),
+        encode(false, 0, op::BINARY, &patterned(64 * 1024, 3), mask()),
+        encode(true, 0, op::CONTINUATION, &patterned(33 * 1024, 4), mask()),
+        encode(true, 0, op::BINARY, b"small again", mask()),
+        encode(true, 0, op::BINARY, &patterned(32 * 1024, 5), mask()),
+    ]
+}
+
+/// The value of one `wsgate_…{route="ws",direction=…}` series in a scrape.
+fn route_series(text: &str, name: &str, direction: &str) -> f64 {
+    let labels = format!("{{direction=\"{direction}\",route=\"ws\"}} ");
+    let prefix = format!("{name}{labels}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in the scrape:\n{text}"));
+    line[prefix.len()..]
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+/// Bytes and spliced bytes of both directions, once the byte counters reach `c2u` and `u2c`
+/// (they are added once per wake-up of the relay, so a scrape may run a moment ahead).
+async fn relayed_bytes(proxy: &Proxy, c2u: usize, u2c: usize) -> [(f64, f64); 2] {
+    let deadline = Instant::now() + wsraw::LIMIT;
+    loop {
+        let request = support::http_request("GET", "/metrics", &[("Host", "admin")]);
+        let text = support::raw_exchange(proxy.admin(), &request)
+            .await
+            .body_text();
+        let read = |d: &str| {
+            (
+                route_series(&text, "wsgate_bytes_total", d),
+                route_series(&text, "wsgate_spliced_bytes_total", d),
+            )
+        };
+        let got = [read("client_to_upstream"), read("upstream_to_client")];
+        if (got[0].0, got[1].0) == (c2u as f64, u2c as f64) || Instant::now() >= deadline {
+            return got;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sends the mixed stream both ways at once and asserts both arrive byte for byte; returns
+/// the relayed and spliced bytes of each direction.
+async fn exchange_large_frames(gate: &mut Gate) -> [(f64, f64); 2] {
+    let (client, upstream) = gate.open().await;
+    let up = mixed_large_stream(true).concat();
+    let down = mixed_large_stream(false).concat();
+    let (mut client_rd, mut client_wr) = client.split();
+    let (mut upstream_rd, mut upstream_wr) = upstream.split();
+    let ((), got_up, (), got_down) = within("the large frames both ways", async {
+        tokio::join!(
+            client_wr.send(&up),
+            upstream_rd.bytes(up.len(), "the client's frames"),
+            upstream_wr.send(&down),
+            client_rd.bytes(down.len(), "the upstream's frames"),
+        )
+    })
+    .await;
+    assert_same_stream("client -> upstream", &got_up, &up);
+    assert_same_stream("upstream -> client", &got_down, &down);
+    relayed_bytes(&gate.proxy, up.len(), down.len()).await
+}
+
+#[tokio::test]
+async fn large_frames_are_spliced_and_arrive_unchanged() {
+    let mut gate = Gate::start(&[("ping_interval", "0s")], &[]).await;
+    let counted = exchange_large_frames(&mut gate).await;
+    let sent = [
+        mixed_large_stream(true).concat().len(),
+        mixed_large_stream(false).concat().len(),
+    ];
+    for (direction, ((bytes, spliced), sent)) in counted.iter().zip(sent).enumerate() {
+        assert_eq!(
+            *bytes, sent as f64,
+            "direction {direction}: every byte counted once"
+        );
+        // At least the 300 KiB frame and the fragments behind it took the splice path; how
+        // much exactly depends on how the bytes arrived (a sender pausing mid-frame hands
+        // the rest of it to the ordinary path).
+        assert!(
+            *spliced >= (100 * 1024) as f64 && *spliced < *bytes,
+            "direction {direction}: {spliced} of {bytes} bytes spliced"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_splice_off_large_frames_go_through_the_relay_buffer() {
+    let routes = routes_without_splice();
+    let mut gate = Gate::with_routes(&[("ping_interval", "0s")], &[], &routes).await;
+    let counted = exchange_large_frames(&mut gate).await;
+    for (direction, (bytes, spliced)) in counted.iter().enumerate() {
+        assert!(*bytes > 0.0);
+        assert_eq!(*spliced, 0.0, "direction {direction}: nothing spliced");
+    }
+}
+
+#[tokio::test]
+async fn keepalive_ping_waits_for_the_end_of_a_spliced_frame() {
+    let interval = Duration::from_millis(800);
+    let mut gate = Gate::start(&[("ping_interval", "800ms"), ("pong_timeout", "5s")], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+
+    // A first large frame: the direction now splices.
+    let first = server_frame(op::BINARY, &patterned(64 * 1024, 7));
+    upstream.send(&first).await;
+    let (got, _) = next_answering_pings(&mut client, "the first large frame").await;
+    assert_eq!(got.raw, first);
+
+    // Half of a second one, then a pause longer than the ping interval: the ping falls due
+    // in the middle of the frame and must wait for its end.
+    let second = server_frame(op::BINARY, &patterned(200 * 1024, 8));
+    let half = second.len() / 2;
+    upstream.send(&second[..half]).await;
+    assert_eq!(client.bytes(half, "the first half").await, second[..half]);
+    tokio::time::sleep(interval * 2).await;
+    let third = server_frame(op::BINARY, &patterned(50 * 1024, 9));
+    upstream.send(&second[half..]).await;
+    upstream.send(&third).await;
+
+    assert_eq!(
+        client.bytes(second.len() - half, "the second half").await,
+        second[half..]
+    );
+    let ping = client.frame("wsgate's ping, right after the frame").await;
+    assert_ws_ping(&ping, false);
+    client.send(&pong_for(&ping)).await;
+    let (got, _) = next_answering_pings(&mut client, "the third frame").await;
+    assert_eq!(got.raw, third);
+}
+
+#[tokio::test]
+async fn upstream_lost_in_the_middle_of_a_spliced_frame_ends_the_client_connection() {
+    let mut gate = Gate::start(&[("ping_interval", "0s")], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+    let first = server_frame(op::BINARY, &patterned(64 * 1024, 1));
+    upstream.send(&first).await;
+    assert_eq!(client.frame("the first large frame").await.raw, first);
+
+    // Part of a second large frame, then the upstream vanishes: no close frame can follow
+    // half a frame, so the client gets the bytes that came and then a clean end.
+    let second = server_frame(op::BINARY, &patterned(200 * 1024, 2));
+    let part = 80 * 1024;
+    upstream.send(&second[..part]).await;
+    drop(upstream);
+    assert_eq!(
+        client.bytes(part, "the part that came").await,
+        second[..part]
+    );
+    let (mut client_rd, _client_wr) = client.split();
+    let end = within("the client connection to end", client_rd.try_frame()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "after half a frame only the end of the connection can come: {end:?}"
+    );
+}
+
+#[tokio::test]
+async fn limits_apply_to_spliced_frames() {
+    // Size: the header alone refuses a frame over the limit, spliced direction or not.
+    let mut gate = Gate::start(&[("ping_interval", "0s")], &[("max_frame_size", "64KiB")]).await;
+    let (mut client, mut upstream) = gate.open().await;
+    for seed in 0..2 {
+        let frame = client_frame(op::BINARY, &patterned(40 * 1024, seed));
+        client.send(&frame).await;
+        assert_eq!(upstream.frame("a frame under the limit").await.raw, frame);
+    }
+    let header = encode_header(true, 0, op::BINARY, 100 * 1024, Some(random_mask()));
+    client.send(&header).await;
+    client
+        .expect_close(1009, "frame too big", "the client's close")
+        .await;
+    upstream
+        .expect_close(1001, "client error", "the upstream's close")
+        .await;
+    both_answer_and_end(&mut client, &mut upstream).await;
+
+    // Rate: spliced frames take tokens like any other.
+    let mut gate = Gate::start(&[("ping_interval", "0s")], &[("max_frame_rate", "2/m")]).await;
+    let (mut client, mut upstream) = gate.open().await;
+    let frames: Vec<Vec<u8>> = (0..3)
+        .map(|seed| client_frame(op::BINARY, &patterned(40 * 1024, seed)))
+        .collect();
+    for frame in &frames[..2] {
+        client.send(frame).await;
+        assert_eq!(upstream.frame("a frame within the rate").await.raw, *frame);
+    }
+    client.send(&frames[2]).await;
+    client
+        .expect_close(1008, "rate limit", "the client's close")
+        .await;
+    upstream
+        .expect_close(1001, "client error", "the upstream's close")
+        .await;
+    both_answer_and_end(&mut client, &mut upstream).await;
+}

@@ -23,6 +23,11 @@ use crate::ws::buffer::RELAY_BUF_SIZE;
 /// docs/performance.md).
 pub const SPLICE_MIN_FRAME: u64 = RELAY_BUF_SIZE as u64;
 
+/// A frame's payload still to come, behind a header that was read through the relay buffer,
+/// is spliced when it is at least this large: moving it then takes two system calls (into
+/// the pipe and out of it), as reading and writing it would, without the copies.
+pub const SPLICE_MIN_REST: u64 = 16 * 1024;
+
 /// Capacity asked for each pipe: a 256 KiB frame crosses in one splice each way. When the
 /// system refuses (the per-user pipe limits), the default of 64 KiB is used.
 #[cfg(target_os = "linux")]
@@ -92,14 +97,25 @@ mod sys {
             }
             // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else;
             // each is wrapped exactly once.
-            let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let (read, write) =
+                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
             // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours; the
             // descriptor is open (owned by `write`).
-            let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY as libc::c_int) };
+            let set = unsafe {
+                libc::fcntl(
+                    write.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    PIPE_CAPACITY as libc::c_int,
+                )
+            };
             // On success the kernel answers with the capacity it gave. The capacity only
             // sizes requests: a splice moves what fits, and says how much.
             let capacity = usize::try_from(set).unwrap_or(DEFAULT_CAPACITY);
-            Ok(Pipe { read, write, capacity })
+            Ok(Pipe {
+                read,
+                write,
+                capacity,
+            })
         }
 
         /// Bytes the pipe holds at most.

@@ -27,7 +27,7 @@ use crate::ws::buffer::RelayBuf;
 use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
 use crate::ws::keepalive::{Keepalive, KeepaliveAction};
 use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
-use crate::ws::splice::{self, Pipe, SpliceIo, SPLICE_MIN_FRAME};
+use crate::ws::splice::{self, Pipe, SpliceIo, SPLICE_MIN_FRAME, SPLICE_MIN_REST};
 
 /// How long a closing tunnel keeps reading (and discarding) after shutting its sockets, so
 /// unread input does not turn the close into a TCP reset that could destroy the close frame
@@ -156,6 +156,8 @@ struct Half {
     early: Option<Bytes>,
     /// Bytes not yet added to the connection record and metrics.
     unflushed_bytes: u64,
+    /// Of those, bytes that were spliced.
+    unflushed_spliced: u64,
     /// Frames per opcode not yet added to the connection record and metrics.
     unflushed_frames: OpcodeCounts,
     /// Writing to `dst` failed: the peer is gone.
@@ -236,6 +238,7 @@ impl Half {
             violation: None,
             early: None,
             unflushed_bytes: 0,
+            unflushed_spliced: 0,
             unflushed_frames: [0; 6],
             dst_failed: false,
             dst_shut: false,
@@ -450,9 +453,10 @@ impl Half {
         }
         if self.splice_capable
             && self.filled == 0
-            && self.frame_left == 0
             && !self.discarding
-            && (self.splice_left > 0 || self.splice_hint)
+            && (self.splice_left > 0
+                || (self.frame_left == 0 && self.splice_hint)
+                || self.frame_left >= SPLICE_MIN_REST)
         {
             if let Some(tcp) = src.tcp() {
                 match self.poll_splice_in(tcp, cx, now, events) {
@@ -508,7 +512,14 @@ impl Half {
             }
         }
         let mut started = false;
-        if self.splice_left == 0 {
+        if self.frame_left > 0 {
+            // The rest of a frame whose header went through the buffer: at least
+            // SPLICE_MIN_REST bytes of payload, so splicing it costs no more system calls
+            // than reading and writing it.
+            self.splice_left = self.frame_left;
+            self.splice_header = 0;
+            self.frame_left = 0;
+        } else if self.splice_left == 0 {
             let mut head = [0u8; codec::MAX_HEADER_LEN];
             let n = match splice::poll_peek(src, cx, &mut head) {
                 Poll::Pending => return SpliceStep::Pending,
@@ -568,6 +579,7 @@ impl Half {
                 self.splice_header -= n.min(usize::from(self.splice_header)) as u8;
                 self.piped += n;
                 self.unflushed_bytes += n as u64;
+                self.unflushed_spliced += n as u64;
                 SpliceStep::Progress
             }
         }
@@ -1111,6 +1123,10 @@ where
                     .fetch_add(half.unflushed_bytes, Ordering::Relaxed);
                 route.bytes[d].inc_by(half.unflushed_bytes);
                 half.unflushed_bytes = 0;
+            }
+            if half.unflushed_spliced > 0 {
+                route.spliced_bytes[d].inc_by(half.unflushed_spliced);
+                half.unflushed_spliced = 0;
             }
             let mut total = 0;
             for (i, n) in half.unflushed_frames.iter_mut().enumerate() {
