@@ -64,7 +64,7 @@ pub struct Opts {
     /// Leave out a target: direct, wsgate, nginx or haproxy (repeatable).
     #[arg(long)]
     skip: Vec<String>,
-    /// Run only these workloads (comma-separated ids: echo32, echo16k, paced, handshake,
+    /// Run only these workloads (comma-separated ids: echo32, echo16k, echo256k, paced, handshake,
     /// handshake-tls, idle, idle-tls). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
@@ -158,6 +158,11 @@ fn workloads() -> Vec<Workload> {
             id: "echo16k",
             title: "16 KiB echo, 64 conns",
             kind: Kind::Echo { size: 16 * 1024 },
+        },
+        Workload {
+            id: "echo256k",
+            title: "256 KiB echo, 64 conns",
+            kind: Kind::Echo { size: 256 * 1024 },
         },
         Workload {
             id: "paced",

@@ -594,6 +594,13 @@ mod tests {
             p[0].message,
             "wrong type for `runtime.worker_threads`: expected an integer, found string \"4\""
         );
+        let text = "[runtime]\nsplice = \"yes\"\n";
+        let p = problems_of(text);
+        assert_eq!(at(text, &p[0].span), "\"yes\"");
+        assert_eq!(
+            p[0].message,
+            "wrong type for `runtime.splice`: expected a boolean, found string \"yes\""
+        );
     }
 
     #[test]

@@ -1427,6 +1427,7 @@ upstream = \"app\"
         assert_eq!(c.log.level, "info");
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.runtime.worker_threads, 0);
+        assert!(c.runtime.splice);
         assert_eq!(
             c.admin.bind,
             "127.0.0.1:9090".parse::<SocketAddr>().unwrap()
@@ -1493,6 +1494,7 @@ level = "wsgate=debug,hyper=info"
 format = "json"
 [runtime]
 worker_threads = 4
+splice = false
 [admin]
 bind = "[::1]:9191"
 [listeners.public]
@@ -1534,6 +1536,7 @@ builtin = "echo"
         let c = config(text);
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.runtime.worker_threads, 4);
+        assert!(!c.runtime.splice);
         assert_eq!(c.admin.bind, "[::1]:9191".parse::<SocketAddr>().unwrap());
         assert!(c.listeners[0].http2);
         assert_eq!(c.timeouts.ping_interval, None);
