@@ -245,40 +245,37 @@ pub fn poll_peek(tcp: &TcpStream, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<
     }
 }
 
-/// Moves up to `len` bytes of `tcp`'s input into `pipe`.
-pub fn poll_splice_in(
-    tcp: &TcpStream,
-    cx: &mut Context<'_>,
-    pipe: &Pipe,
-    len: usize,
-) -> Poll<io::Result<usize>> {
-    #[cfg(target_os = "linux")]
-    {
-        let to = pipe.write_fd();
-        poll_io(tcp, cx, Interest::READABLE, |fd| sys::splice(fd, to, len))
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (tcp, cx, len);
-        match *pipe {}
-    }
+/// Which way a splice moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// From the socket's input into the pipe.
+    In,
+    /// From the pipe to the socket's output.
+    Out,
 }
 
-/// Moves up to `len` bytes from `pipe` to `tcp`.
-pub fn poll_splice_out(
+/// Moves up to `len` bytes between `tcp` and `pipe`, the way `flow` says.
+pub fn poll_splice(
     tcp: &TcpStream,
     cx: &mut Context<'_>,
     pipe: &Pipe,
+    flow: Flow,
     len: usize,
 ) -> Poll<io::Result<usize>> {
     #[cfg(target_os = "linux")]
     {
-        let from = pipe.read_fd();
-        poll_io(tcp, cx, Interest::WRITABLE, |fd| sys::splice(from, fd, len))
+        let interest = match flow {
+            Flow::In => Interest::READABLE,
+            Flow::Out => Interest::WRITABLE,
+        };
+        poll_io(tcp, cx, interest, |fd| match flow {
+            Flow::In => sys::splice(fd, pipe.write_fd(), len),
+            Flow::Out => sys::splice(pipe.read_fd(), fd, len),
+        })
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (tcp, cx, len);
+        let _ = (tcp, cx, flow, len);
         match *pipe {}
     }
 }

@@ -27,7 +27,7 @@ use crate::ws::buffer::RelayBuf;
 use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
 use crate::ws::keepalive::{Keepalive, KeepaliveAction};
 use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
-use crate::ws::splice::{self, Pipe, SpliceIo, SPLICE_MIN_FRAME, SPLICE_MIN_REST};
+use crate::ws::splice::{self, Flow, Pipe, SpliceIo, SPLICE_MIN_FRAME, SPLICE_MIN_REST};
 
 /// How long a closing tunnel keeps reading (and discarding) after shutting its sockets, so
 /// unread input does not turn the close into a TCP reset that could destroy the close frame
@@ -192,25 +192,6 @@ enum SpliceStep {
     Declined,
 }
 
-/// Counts a data frame and charges the frame-rate limiter; false when the limit is exceeded.
-fn take_data_frame(
-    rate: &mut Option<TokenBucket>,
-    frames: &mut OpcodeCounts,
-    opcode: OpCode,
-    now: Instant,
-    events: &mut Events,
-) -> bool {
-    if let Some(bucket) = rate.as_mut() {
-        if !bucket.take(now) {
-            return false;
-        }
-    }
-    frames[opcode_index(opcode)] += 1;
-    events.heard = true;
-    events.data = true;
-    true
-}
-
 impl Half {
     fn new(
         direction: Direction,
@@ -350,7 +331,7 @@ impl Half {
                     self.drop_pipe();
                     return true;
                 };
-                match splice::poll_splice_out(tcp, cx, pipe, self.piped) {
+                match splice::poll_splice(tcp, cx, pipe, Flow::Out, self.piped) {
                     Poll::Pending => return progressed,
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         self.dst_failed = true;
@@ -451,12 +432,13 @@ impl Half {
         if self.src_quiet {
             return false;
         }
-        if self.splice_capable
+        // Cheapest tests first: small frames fail the first group at once.
+        if (self.splice_left > 0
+            || (self.splice_hint && self.frame_left == 0)
+            || self.frame_left >= SPLICE_MIN_REST)
             && self.filled == 0
             && !self.discarding
-            && (self.splice_left > 0
-                || (self.frame_left == 0 && self.splice_hint)
-                || self.frame_left >= SPLICE_MIN_REST)
+            && self.splice_capable
         {
             if let Some(tcp) = src.tcp() {
                 match self.poll_splice_in(tcp, cx, now, events) {
@@ -543,15 +525,7 @@ impl Half {
                 // reports it.
                 Ok(None) | Err(_) => return SpliceStep::Declined,
             };
-            if !take_data_frame(
-                &mut self.rate,
-                &mut self.unflushed_frames,
-                header.opcode,
-                now,
-                events,
-            ) {
-                self.violation = Some(Violation::RateLimit);
-                self.src_done = true;
+            if !self.accept_data_frame(header.opcode, now, events) {
                 return SpliceStep::Progress;
             }
             self.decoder = decoder;
@@ -563,7 +537,7 @@ impl Half {
             return SpliceStep::Declined;
         };
         let len = self.splice_left.min(pipe.capacity() as u64) as usize;
-        match splice::poll_splice_in(src, cx, pipe, len) {
+        match splice::poll_splice(src, cx, pipe, Flow::In, len) {
             Poll::Pending if started => {
                 self.src_quiet = true;
                 SpliceStep::Progress
@@ -597,7 +571,14 @@ impl Half {
         if self.filled == 0 {
             self.buf = None;
         }
-        if self.piped == 0 && self.pipe.is_some() {
+        if self.pipe.is_some() {
+            self.release_idle_pipe();
+        }
+    }
+
+    #[cold]
+    fn release_idle_pipe(&mut self) {
+        if self.piped == 0 {
             if self.splice_left > 0 && self.splice_header == 0 {
                 // Only payload is left of the frame being spliced: the ordinary path takes
                 // it over, so a sender pausing mid-frame does not hold two descriptors.
@@ -625,9 +606,37 @@ impl Half {
     /// Parses frames in `[scan, filled)`, approving whole headers, payload as it arrives and
     /// whole control frames; consumes wsgate's own pongs.
     fn parse(&mut self, keepalive: &mut Keepalive, now: Instant, events: &mut Events) {
-        let Some(buf) = self.buf.as_mut() else {
+        // Out of `self` while parsing, so the frame bookkeeping below can borrow `self`.
+        let Some(mut buf) = self.buf.take() else {
             return;
         };
+        self.parse_frames(&mut buf, keepalive, now, events);
+        self.buf = Some(buf);
+    }
+
+    /// Counts a data frame and charges the frame-rate limiter. Over the limit, the input
+    /// is done (with a violation) and the answer is false.
+    fn accept_data_frame(&mut self, opcode: OpCode, now: Instant, events: &mut Events) -> bool {
+        if let Some(bucket) = self.rate.as_mut() {
+            if !bucket.take(now) {
+                self.violation = Some(Violation::RateLimit);
+                self.src_done = true;
+                return false;
+            }
+        }
+        self.unflushed_frames[opcode_index(opcode)] += 1;
+        events.heard = true;
+        events.data = true;
+        true
+    }
+
+    fn parse_frames(
+        &mut self,
+        buf: &mut RelayBuf,
+        keepalive: &mut Keepalive,
+        now: Instant,
+        events: &mut Events,
+    ) {
         let batch_start = self.scan;
         loop {
             if self.frame_left > 0 {
@@ -708,15 +717,7 @@ impl Half {
                 }
                 self.scan += total;
             } else {
-                if !take_data_frame(
-                    &mut self.rate,
-                    &mut self.unflushed_frames,
-                    header.opcode,
-                    now,
-                    events,
-                ) {
-                    self.violation = Some(Violation::RateLimit);
-                    self.src_done = true;
+                if !self.accept_data_frame(header.opcode, now, events) {
                     self.filled = self.scan;
                     break;
                 }
