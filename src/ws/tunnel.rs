@@ -41,7 +41,9 @@ const NO_STATUS_RECEIVED: u16 = 1005;
 const INJECT_CAPACITY: usize = 2 * MAX_CONTROL_FRAME;
 
 /// Frames counted per opcode, indexed by [`opcode_index`] (the order of [`metrics::OPCODES`]).
-pub type OpcodeCounts = [u64; 6];
+/// `u32` is plenty: counts are flushed once per wake-up, which reads at most
+/// `MAX_TURNS_PER_POLL` buffers of 32 KiB (at most half a million frames).
+pub type OpcodeCounts = [u32; 6];
 
 fn opcode_index(op: OpCode) -> usize {
     match op {
@@ -152,12 +154,12 @@ struct Half {
     src_eof: bool,
     /// `src` broke the protocol or a limit.
     violation: Option<Violation>,
-    /// Bytes read past the handshake that did not fit the first buffer.
-    early: Option<Bytes>,
+    /// Bytes read past the handshake that did not fit the first buffer (rare: boxed).
+    early: Option<Box<Bytes>>,
     /// Bytes not yet added to the connection record and metrics.
     unflushed_bytes: u64,
     /// Of those, bytes that were spliced.
-    unflushed_spliced: u64,
+    unflushed_spliced: u32,
     /// Frames per opcode not yet added to the connection record and metrics.
     unflushed_frames: OpcodeCounts,
     /// Writing to `dst` failed: the peer is gone.
@@ -168,7 +170,9 @@ struct Half {
     /// ask it again until the next one.
     src_quiet: bool,
     /// Frame-rate limiter (client direction only).
-    rate: Option<TokenBucket>,
+    /// Boxed: only client directions with a `max_frame_rate` have one, and the tunnel
+    /// stays small enough for the allocator's fastest size classes.
+    rate: Option<Box<TokenBucket>>,
     /// Both sockets are plain TCP and splicing is on: large frames may bypass `buf`.
     splice_capable: bool,
     /// The last data frame was large: the next header is peeked, and a large frame spliced.
@@ -224,7 +228,7 @@ impl Half {
             dst_failed: false,
             dst_shut: false,
             src_quiet: false,
-            rate: rate.map(|r| TokenBucket::new(r, now)),
+            rate: rate.map(|r| Box::new(TokenBucket::new(r, now))),
             splice_capable: false,
             splice_hint: false,
             splice_left: 0,
@@ -239,7 +243,7 @@ impl Half {
         if bytes.is_empty() {
             return;
         }
-        self.early = Some(bytes);
+        self.early = Some(Box::new(bytes));
         self.take_early();
     }
 
@@ -256,7 +260,7 @@ impl Half {
         self.filled += n;
         let rest = early.split_off(n);
         // Keep a slice only when something is left: it pins hyper's whole read buffer.
-        self.early = (!rest.is_empty()).then_some(rest);
+        self.early = (!rest.is_empty()).then(|| Box::new(rest));
     }
 
     fn inject_pending(&self) -> bool {
@@ -553,7 +557,8 @@ impl Half {
                 self.splice_header -= n.min(usize::from(self.splice_header)) as u8;
                 self.piped += n;
                 self.unflushed_bytes += n as u64;
-                self.unflushed_spliced += n as u64;
+                // At most MAX_TURNS_PER_POLL pipe loads between two flushes.
+                self.unflushed_spliced = self.unflushed_spliced.saturating_add(n as u32);
                 SpliceStep::Progress
             }
         }
@@ -1126,14 +1131,14 @@ where
                 half.unflushed_bytes = 0;
             }
             if half.unflushed_spliced > 0 {
-                route.spliced_bytes[d].inc_by(half.unflushed_spliced);
+                route.spliced_bytes[d].inc_by(u64::from(half.unflushed_spliced));
                 half.unflushed_spliced = 0;
             }
             let mut total = 0;
             for (i, n) in half.unflushed_frames.iter_mut().enumerate() {
                 if *n > 0 {
-                    route.frames[d][i].inc_by(*n);
-                    total += *n;
+                    route.frames[d][i].inc_by(u64::from(*n));
+                    total += u64::from(*n);
                     *n = 0;
                 }
             }
@@ -1354,11 +1359,20 @@ where
 
 #[cfg(test)]
 mod tests {
-    /// Every idle tunnel carries this struct; keep it small (see docs/performance.md).
+    use super::Tunnel;
+    use crate::upstream::UpstreamStream;
+    use tokio::net::TcpStream;
+
+    /// Every live WebSocket carries one boxed tunnel, most of what an idle connection costs
+    /// (see docs/performance.md). At 1,032 bytes or less glibc also serves it from its
+    /// per-thread cache, the cheapest malloc/free of a handshake.
     #[test]
-    fn idle_tunnel_state_stays_small() {
-        let size =
-            std::mem::size_of::<super::Tunnel<tokio::net::TcpStream, tokio::net::TcpStream>>();
-        assert!(size <= 1280, "Tunnel grew to {size} bytes");
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    fn a_proxied_tunnel_fits_the_allocators_thread_cache() {
+        let size = std::mem::size_of::<Tunnel<TcpStream, UpstreamStream>>();
+        assert!(
+            size <= 1032,
+            "Tunnel<TcpStream, UpstreamStream> is {size} bytes"
+        );
     }
 }
