@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the proxy benchmark: wsgate against nginx, HAProxy and a direct connection.
 #
-#   benches/run.sh                 # full run, 10 s per throughput workload (about 5 minutes)
+#   benches/run.sh                 # full run: three rounds, 10 s per throughput workload (about 14 minutes)
 #   benches/run.sh --quick         # 2 s per workload, fewer idle connections: a smoke test
 #   benches/run.sh --duration 20s  # any option of `cargo bench --bench proxy -- all --help`
 #
