@@ -563,6 +563,7 @@ struct Wsgate {
     child: Child,
     /// The plain listener `public`.
     public: SocketAddr,
+    admin: SocketAddr,
     log: PathBuf,
     _dir: TestDir,
 }
@@ -596,6 +597,7 @@ impl Wsgate {
         let mut wsgate = Wsgate {
             child,
             public,
+            admin,
             log,
             _dir: dir,
         };
@@ -826,5 +828,88 @@ builtin = "echo"
         .await;
     let echo = conn.frame("the echo").await;
     assert_eq!(echo.payload, b"served again");
+    assert!(wsgate.running(), "{}", wsgate.log());
+}
+
+/// The value of `name{direction="…",route="…"}` in the proxy's metrics.
+async fn route_counter(wsgate: &Wsgate, name: &str, route: &str, direction: &str) -> u64 {
+    let request = http_request("GET", "/metrics", &[("Host", "admin")]);
+    let text = raw_exchange(wsgate.admin, &request).await.body_text();
+    let prefix = format!("{name}{{direction=\"{direction}\",route=\"{route}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in the metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_for_pipes_large_frames_go_through_the_relay_buffer() {
+    let mut upstream = wsraw::WsUpstream::spawn().await;
+    let mut wsgate = Wsgate::start(
+        &format!(
+            r#"
+[timeouts]
+client_header = "60s"
+ping_interval = "0s"
+[upstreams.raw]
+servers = ["{}"]
+[routes.raw]
+path = "/raw"
+upstream = "raw"
+"#,
+            upstream.addr
+        ),
+        Some(FD_LIMIT),
+    )
+    .await;
+    let mut client = wsraw::connect(wsgate.public, "/raw").await;
+    let mut up = upstream.accept().await;
+
+    // Every descriptor left goes to idle connections: no pipe can be opened now.
+    let mut held = Vec::new();
+    for _ in 0..FD_LIMIT + 30 {
+        held.push(TcpStream::connect(wsgate.public).await.expect("connect"));
+    }
+    within("the proxy to run out of descriptors", async {
+        while !wsgate.log().contains("out of resources") {
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+
+    // Large frames (spliced when pipes can be had) still cross, through the relay buffer.
+    let mut sent = [0u64; 2];
+    for seed in 0..3u8 {
+        let payload: Vec<u8> = (0..100 * 1024).map(|i| (i as u8) ^ seed).collect();
+        let frame = wsraw::client_frame(wsraw::op::BINARY, &payload);
+        client.send(&frame).await;
+        assert_eq!(up.frame("a large frame from the client").await.raw, frame);
+        sent[0] += frame.len() as u64;
+        let frame = wsraw::server_frame(wsraw::op::BINARY, &payload);
+        up.send(&frame).await;
+        assert_eq!(
+            client.frame("a large frame from the upstream").await.raw,
+            frame
+        );
+        sent[1] += frame.len() as u64;
+    }
+
+    // Descriptors free again: the metrics say nothing was spliced and everything relayed.
+    drop(held);
+    for (direction, sent) in ["client_to_upstream", "upstream_to_client"]
+        .into_iter()
+        .zip(sent)
+    {
+        // Counters are added right after each write; a scrape may still run a moment ahead.
+        let deadline = Instant::now() + LIMIT;
+        let mut bytes = route_counter(&wsgate, "wsgate_bytes_total", "raw", direction).await;
+        while bytes != sent && Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+            bytes = route_counter(&wsgate, "wsgate_bytes_total", "raw", direction).await;
+        }
+        assert_eq!(bytes, sent, "{direction}: bytes relayed");
+        let spliced = route_counter(&wsgate, "wsgate_spliced_bytes_total", "raw", direction).await;
+        assert_eq!(spliced, 0, "{direction}: spliced without a pipe?");
+    }
     assert!(wsgate.running(), "{}", wsgate.log());
 }
