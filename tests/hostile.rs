@@ -713,15 +713,34 @@ fn kernel_buffering_bound() -> u64 {
     2 * max_of("tcp_rmem", 6 << 20) + 2 * max_of("tcp_wmem", 4 << 20)
 }
 
+const MIB: u64 = 1024 * 1024;
+
 // The proxy runs as its own process here so its memory can be measured alone (the test
 // harness runs the other cases of this file in parallel in this process).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_stops_the_upstream_and_memory_stays_bounded() {
-    const MIB: u64 = 1024 * 1024;
+    // What the kernel buffers on the two sockets plus one relay buffer; no backpressure
+    // would let the upstream write hundreds of MiB in 2 s on loopback.
+    firehose_into_a_silent_client(false, 16 * MIB).await;
+}
+
+/// The same with the frame spliced: the kernel holds more of a spliced stream (10-13 MiB
+/// here against 7-8 MiB copied), so the bound is what the kernel may buffer at most (two
+/// receiving and two sending socket buffers at their sysctl maxima) plus one pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_stops_a_spliced_upstream_too() {
+    firehose_into_a_silent_client(true, kernel_buffering_bound() + MIB).await;
+}
+
+/// A client reads nothing after the 101 while the upstream streams one endless frame: the
+/// upstream must be held back after at most `bound` bytes, and the proxy's memory stay flat.
+async fn firehose_into_a_silent_client(splice: bool, bound: u64) {
     let (firehose, written) = spawn_firehose().await;
     let mut wsgate = Wsgate::start(
         &format!(
             r#"
+[runtime]
+splice = {splice}
 [timeouts]
 client_header = "5s"
 upstream_connect = "2s"
@@ -752,14 +771,10 @@ upstream = "firehose"
         after_window > 64 * 1024,
         "the relay moved nothing at all ({after_window} bytes)"
     );
-    // At most what the kernel may buffer on the way (two receiving and two sending socket
-    // buffers at their sysctl maxima) plus wsgate's relay buffer or pipe; without
-    // backpressure the upstream would write gigabytes in 2 s on loopback.
-    let bound = kernel_buffering_bound() + MIB;
     assert!(
         after_window < bound,
-        "the upstream wrote {} MiB to a client that reads nothing (the kernel can hold {} MiB): \
-         no backpressure",
+        "the upstream wrote {} MiB to a client that reads nothing (bound {} MiB, splice = \
+         {splice}): no backpressure",
         after_window / MIB,
         bound / MIB
     );
@@ -831,17 +846,6 @@ builtin = "echo"
     assert!(wsgate.running(), "{}", wsgate.log());
 }
 
-/// The value of `name{direction="…",route="…"}` in the proxy's metrics.
-async fn route_counter(wsgate: &Wsgate, name: &str, route: &str, direction: &str) -> u64 {
-    let request = http_request("GET", "/metrics", &[("Host", "admin")]);
-    let text = raw_exchange(wsgate.admin, &request).await.body_text();
-    let prefix = format!("{name}{{direction=\"{direction}\",route=\"{route}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in the metrics:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_for_pipes_large_frames_go_through_the_relay_buffer() {
     let mut upstream = wsraw::WsUpstream::spawn().await;
@@ -902,13 +906,17 @@ upstream = "raw"
     {
         // Counters are added right after each write; a scrape may still run a moment ahead.
         let deadline = Instant::now() + LIMIT;
-        let mut bytes = route_counter(&wsgate, "wsgate_bytes_total", "raw", direction).await;
+        let mut bytes =
+            support::route_counter(wsgate.admin, "wsgate_bytes_total", "raw", direction).await;
         while bytes != sent && Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
-            bytes = route_counter(&wsgate, "wsgate_bytes_total", "raw", direction).await;
+            bytes =
+                support::route_counter(wsgate.admin, "wsgate_bytes_total", "raw", direction).await;
         }
         assert_eq!(bytes, sent, "{direction}: bytes relayed");
-        let spliced = route_counter(&wsgate, "wsgate_spliced_bytes_total", "raw", direction).await;
+        let spliced =
+            support::route_counter(wsgate.admin, "wsgate_spliced_bytes_total", "raw", direction)
+                .await;
         assert_eq!(spliced, 0, "{direction}: spliced without a pipe?");
     }
     assert!(wsgate.running(), "{}", wsgate.log());

@@ -288,6 +288,18 @@ pub fn remove_header(headers: &mut Vec<(&str, &str)>, name: &str) {
     headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
 }
 
+/// The value of the counter `name{direction="…",route="…"}` in the `GET /metrics` answer
+/// of the admin listener at `admin`; fails the test when the series is missing.
+pub async fn route_counter(admin: SocketAddr, name: &str, route: &str, direction: &str) -> u64 {
+    let request = http_request("GET", "/metrics", &[("Host", "admin")]);
+    let text = raw_exchange(admin, &request).await.body_text();
+    let prefix = format!("{name}{{direction=\"{direction}\",route=\"{route}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in the metrics:\n{text}"))
+}
+
 /// Sends one request on a fresh connection and reads the response.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
     let mut client = RawClient::connect(addr).await;
