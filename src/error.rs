@@ -15,9 +15,42 @@ pub enum Blame {
     Internal,
 }
 
+/// Why a head was refused before hyper saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadRefusal {
+    TooLarge {
+        limit: usize,
+    },
+    TooManyHeaders {
+        limit: usize,
+    },
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    AmbiguousLength,
+}
+
+impl HeadRefusal {
+    /// The refusal as the request path's error (status and one-line reason).
+    pub fn error(self) -> ProxyError {
+        match self {
+            HeadRefusal::TooLarge { limit } => ProxyError::HeadTooLarge { limit },
+            HeadRefusal::TooManyHeaders { limit } => ProxyError::TooManyHeaders { limit },
+            HeadRefusal::AmbiguousLength => {
+                ProxyError::BadRequest("both Content-Length and Transfer-Encoding")
+            }
+        }
+    }
+}
+
 /// Every way a request or handshake can be refused by wsgate.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The request head is ambiguous or malformed (two Hosts, a path above `/`, ...).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request header fields too large: the request head is larger than {limit} bytes")]
+    HeadTooLarge { limit: usize },
+    #[error("request header fields too large: more than {limit} header lines")]
+    TooManyHeaders { limit: usize },
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
     #[error("bad WebSocket handshake: {0}")]
@@ -45,6 +78,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge { .. } | ProxyError::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadHandshake(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
@@ -65,7 +102,10 @@ impl ProxyError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            ProxyError::NoRoute { .. }
+            ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge { .. }
+            | ProxyError::TooManyHeaders { .. }
+            | ProxyError::NoRoute { .. }
             | ProxyError::BadHandshake(_)
             | ProxyError::UnsupportedVersion
             | ProxyError::OriginNotAllowed(_)
@@ -82,6 +122,9 @@ impl ProxyError {
     /// The `wsgate_rejected_total` reason, for refusals wsgate makes itself.
     pub fn reject_reason(&self) -> Option<RejectReason> {
         match self {
+            ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge { .. }
+            | ProxyError::TooManyHeaders { .. } => Some(RejectReason::BadRequest),
             ProxyError::NoRoute { .. } => Some(RejectReason::NoRoute),
             ProxyError::BadHandshake(_) | ProxyError::UnsupportedVersion => {
                 Some(RejectReason::BadHandshake)

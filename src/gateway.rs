@@ -4,15 +4,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
+use crate::error::HeadRefusal;
 use crate::limits::Admission;
+use crate::listener::pending::PendingHeads;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Router;
 use crate::upstream::Upstream;
@@ -95,6 +97,8 @@ pub struct Shared {
     pub connections: Connections,
     /// Admission counters for `[limits]`; they outlive reloads.
     pub admission: Arc<Admission>,
+    /// Connections waiting for a request head (`[limits] max_pending_heads`).
+    pub pending_heads: Arc<PendingHeads>,
 }
 
 impl Shared {
@@ -108,6 +112,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             connections: Connections::default(),
             admission: Arc::new(Admission::default()),
+            pending_heads: Arc::new(PendingHeads::default()),
         }
     }
 
@@ -122,6 +127,23 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     pub client: SocketAddr,
     pub tls: bool,
+    /// Requests handed to the service so far, in order (see `head_guard::take_refusal`).
+    pub requests: AtomicU32,
+    /// Set by the head gate when it refused a head: that request's number and why. The
+    /// connection closes after the answer, so there is at most one.
+    pub head_refusal: OnceLock<(u32, HeadRefusal)>,
+}
+
+impl ConnContext {
+    pub fn new(listener: Arc<str>, client: SocketAddr, tls: bool) -> Self {
+        ConnContext {
+            listener,
+            client,
+            tls,
+            requests: AtomicU32::new(0),
+            head_refusal: OnceLock::new(),
+        }
+    }
 }
 
 impl ConnContext {

@@ -86,6 +86,10 @@ pub enum RejectReason {
     MaxConnections,
     BadHandshake,
     NoRoute,
+    /// An ambiguous, malformed or oversized request head (400, 431).
+    BadRequest,
+    /// A connection closed to make room while waiting for its head (`max_pending_heads`).
+    PendingHeads,
 }
 
 impl RejectReason {
@@ -97,6 +101,8 @@ impl RejectReason {
             RejectReason::MaxConnections => "max_connections",
             RejectReason::BadHandshake => "bad_handshake",
             RejectReason::NoRoute => "no_route",
+            RejectReason::BadRequest => "bad_request",
+            RejectReason::PendingHeads => "pending_heads",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! optional TLS, and the HTTP/1.1 server that hands each request to the proxy service.
 
 pub mod head_guard;
+pub mod pending;
 pub mod tls;
 
 use std::io;
@@ -22,12 +23,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
 
 use crate::gateway::{ConnContext, Shared};
+use crate::metrics::RejectReason;
 use crate::proxy;
-use head_guard::HeadGuard;
+use head_guard::{GuardSettings, HeadGuard, HeadLimits};
+use pending::Ticket;
 
-/// Largest request head (request line plus headers) a client may send; larger gets 431.
-/// nginx's default large_client_header_buffers allow 32 KiB; cookies-heavy apps need about that.
-pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Room hyper's read buffer has beyond the largest head: the gate hands hyper whole heads
+/// only, so hyper's own limit (which counts its buffer, body bytes included) must never be
+/// the one that trips.
+const HYPER_BUFFER_SLACK: usize = 16 * 1024;
 
 /// First pause of the accept loop when the process is out of file descriptors; doubles up to
 /// `ACCEPT_BACKOFF_MAX`, so an exhausted process neither spins nor stalls for long once fds free up.
@@ -82,17 +86,37 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = bound.tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
-        let ctx = Arc::new(ConnContext {
-            listener: bound.name.clone(),
-            client: peer,
-            tls: acceptor.is_some(),
-        });
+        let ctx = Arc::new(ConnContext::new(
+            bound.name.clone(),
+            peer,
+            acceptor.is_some(),
+        ));
+        let limits = shared.gateway.load().limits;
+        let settings = GuardSettings {
+            limits: HeadLimits {
+                max_head: limits_max_request_head(&limits),
+                max_headers: limits_max_request_headers(&limits),
+            },
+            conn: ctx.clone(),
+            pending: shared.pending_heads.clone(),
+            max_pending: limits_max_pending_heads(&limits),
+        };
+        // The connection waits for its first head from now on (a TLS handshake included).
+        let ticket = shared
+            .pending_heads
+            .enter(limits_max_pending_heads(&limits));
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             match acceptor {
-                None => serve_http(stream, ctx, shared, shutdown).await,
-                Some(acceptor) => serve_tls(stream, acceptor, ctx, shared, shutdown).await,
+                None => serve_http(stream, ticket, settings, shared, shutdown).await,
+                // Boxed: a plain connection's task must not carry a TLS handshake's state.
+                Some(acceptor) => {
+                    Box::pin(serve_tls(
+                        stream, acceptor, ticket, settings, shared, shutdown,
+                    ))
+                    .await
+                }
             }
         });
     }
@@ -107,14 +131,25 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 async fn serve_tls(
     stream: TcpStream,
     acceptor: TlsAcceptor,
-    ctx: Arc<ConnContext>,
+    ticket: Ticket,
+    settings: GuardSettings,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     // The TLS handshake shares the request-head budget: a client that stalls in either is cut off.
     let timeout = shared.gateway.load().timeouts.client_header;
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => serve_http(tls, ctx, shared, shutdown).await,
+    let ctx = settings.conn.clone();
+    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+    let accepted = tokio::select! {
+        accepted = handshake => accepted,
+        _ = ticket.evicted() => {
+            shared.metrics.rejected(RejectReason::PendingHeads);
+            debug!(listener = %ctx.listener, client = %ctx.client, "closed during its TLS handshake to make room for newer connections");
+            return;
+        }
+    };
+    match accepted {
+        Ok(Ok(tls)) => serve_http(tls, ticket, settings, shared, shutdown).await,
         Ok(Err(e)) => {
             shared.metrics.tls_handshake_error(&ctx.listener);
             debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "TLS handshake failed")
@@ -126,27 +161,69 @@ async fn serve_tls(
     }
 }
 
+/// Serves HTTP on an accepted (and, on TLS listeners, decrypted) connection: waits for the
+/// first request head with nothing but the gate's buffer, then hands the connection to hyper.
 async fn serve_http<S>(
     stream: S,
+    ticket: Ticket,
+    settings: GuardSettings,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = settings.conn.clone();
+    let client_header = shared.gateway.load().timeouts.client_header;
+    let mut guard = HeadGuard::new(stream, settings, Some(ticket));
+    let first = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return,
+        first = tokio::time::timeout(client_header, guard.first_head()) => first,
+    };
+    match first {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            if head_guard::is_eviction(&e) {
+                shared.metrics.rejected(RejectReason::PendingHeads);
+            }
+            debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "connection ended before its request head");
+            return;
+        }
+        Err(_) => {
+            debug!(listener = %ctx.listener, client = %ctx.client, "client too slow to send its request head");
+            return;
+        }
+    }
+    // Boxed: hyper's connection state is allocated only once a head is there to serve.
+    Box::pin(serve_hyper(guard, ctx, shared, shutdown)).await
+}
+
+async fn serve_hyper<S>(
+    guard: HeadGuard<S>,
     ctx: Arc<ConnContext>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let client_header = shared.gateway.load().timeouts.client_header;
+    let (client_header, limits) = {
+        let gateway = shared.gateway.load();
+        (gateway.timeouts.client_header, gateway.limits)
+    };
     let service = {
         let ctx = ctx.clone();
+        let shared = shared.clone();
         service_fn(move |req| proxy::handle(req, ctx.clone(), shared.clone()))
     };
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(client_header)
-        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_buf_size(limits_max_request_head(&limits) + HYPER_BUFFER_SLACK)
+        .max_headers(limits_max_request_headers(&limits))
         .keep_alive(true);
     let conn = builder
-        .serve_connection(TokioIo::new(HeadGuard::new(stream)), service)
+        .serve_connection(TokioIo::new(guard), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -159,9 +236,23 @@ async fn serve_http<S>(
     if let Err(e) = result {
         if e.is_timeout() {
             debug!(listener = %ctx.listener, client = %ctx.client, "client too slow to send its request head");
+        } else if head_guard::is_eviction(&e) {
+            shared.metrics.rejected(RejectReason::PendingHeads);
+            debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "closed to make room for newer connections");
         } else {
             // Malformed requests and vanished clients are the client's business, not an alarm.
             debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "HTTP connection ended with an error");
         }
     }
+}
+
+// TEMPORARY until the config keys land.
+fn limits_max_request_head(_: &crate::config::Limits) -> usize {
+    64 * 1024
+}
+fn limits_max_request_headers(_: &crate::config::Limits) -> usize {
+    100
+}
+fn limits_max_pending_heads(_: &crate::config::Limits) -> usize {
+    10_000
 }

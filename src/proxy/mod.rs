@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod handshake;
+pub mod head;
 pub mod headers;
 pub mod http;
 pub mod upgrade;
@@ -28,8 +29,15 @@ pub async fn handle(
     conn: Arc<ConnContext>,
     shared: Arc<Shared>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    if let Some(refusal) = crate::listener::head_guard::take_refusal(&conn) {
+        return Ok(refuse(refusal.error(), &conn, &shared));
+    }
+    let mut req = req;
+    let host = match head::read(&mut req) {
+        Ok(host) => host,
+        Err(e) => return Ok(refuse(e, &conn, &shared)),
+    };
     let gateway = shared.gateway.load_full();
-    let host = request_host(&req).map(str::to_owned);
     let path = req.uri().path();
 
     let Some(route) = gateway
@@ -127,13 +135,19 @@ fn count(
     metrics.handshake(result);
 }
 
-/// The host a request is for: the URI authority (absolute-form) or the `Host` header.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+/// A request refused before routing: counted, logged at debug (it is the client's doing),
+/// answered, and the connection closed after the answer.
+fn refuse(e: ProxyError, conn: &ConnContext, shared: &Shared) -> Response<ProxyBody> {
+    debug!(client = %conn.client, error = %e, "refused");
+    if let Some(reason) = e.reject_reason() {
+        shared.metrics.rejected(reason);
+    }
+    let mut response = e.into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// A plain request to a builtin WebSocket route.

@@ -40,17 +40,31 @@ pub enum ClientIo {
 pub fn client_io(upgraded: Upgraded) -> (ClientIo, Bytes) {
     let upgraded = match upgraded.downcast::<TokioIo<HeadGuard<TcpStream>>>() {
         Ok(parts) => {
-            let tcp = parts.io.into_inner().into_inner();
-            return (ClientIo::Plain(tcp), parts.read_buf);
+            let (tcp, held) = parts.io.into_inner().into_inner();
+            return (ClientIo::Plain(tcp), join(parts.read_buf, held));
         }
         Err(upgraded) => upgraded,
     };
     match upgraded.downcast::<TokioIo<HeadGuard<tokio_rustls::server::TlsStream<TcpStream>>>>() {
         Ok(parts) => {
-            let tls = parts.io.into_inner().into_inner();
-            (ClientIo::Tls(Box::new(tls)), parts.read_buf)
+            let (tls, held) = parts.io.into_inner().into_inner();
+            (ClientIo::Tls(Box::new(tls)), join(parts.read_buf, held))
         }
         Err(upgraded) => (ClientIo::Other(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+/// What hyper read past the request, then what the head gate read and had not handed on.
+fn join(hyper: Bytes, held: Bytes) -> Bytes {
+    if held.is_empty() {
+        hyper
+    } else if hyper.is_empty() {
+        held
+    } else {
+        let mut both = Vec::with_capacity(hyper.len() + held.len());
+        both.extend_from_slice(&hyper);
+        both.extend_from_slice(&held);
+        both.into()
     }
 }
 
