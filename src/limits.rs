@@ -190,8 +190,7 @@ mod tests {
                 count,
                 per: Duration::from_secs(1),
             }),
-            max_frame_size: 1 << 20,
-            max_frame_rate: None,
+            ..Limits::default()
         }
     }
 

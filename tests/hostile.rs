@@ -340,7 +340,7 @@ async fn an_idle_connection_without_a_byte_is_closed_after_client_header() {
         .await;
 }
 
-// hyper answers 431 itself once the head outgrows its read buffer (`max_buf_size`, 64 KiB).
+// The head gate counts the head and answers 431 once it passes `max_request_head` (64 KiB).
 #[tokio::test]
 async fn an_oversized_head_gets_431() {
     let mut s = Setup::new("", "").await;
@@ -355,6 +355,58 @@ async fn an_oversized_head_gets_431() {
     assert_eq!(response.status, 431, "{response:?}");
     s.assert_http_upstream_saw_nothing("an oversized head")
         .await;
+}
+
+#[tokio::test]
+async fn when_too_many_heads_wait_the_oldest_connection_is_closed_first() {
+    let mut s = Setup::new("max_pending_heads = 3", "client_header = \"30s\"").await;
+    // Connected one after the other, so accepted (and entered into the table) in this order.
+    let mut slow = Vec::new();
+    for i in 0..3 {
+        let mut client = RawClient::connect(s.addr()).await;
+        client
+            .send(format!("GET /app/slow{i} HTTP/1.1\r\nHost: app.test\r\nX-Half: a").as_bytes())
+            .await;
+        slow.push(client);
+    }
+    // A fourth connection takes the place of the one that waited longest.
+    let other = raw_exchange(
+        s.addr(),
+        &http_request("GET", "/app/other", &[("Host", "app.test")]),
+    )
+    .await;
+    assert_eq!(other.status, 200, "{other:?}");
+    assert_eq!(
+        s.http.requests.next("the fourth request").await.uri.path(),
+        "/app/other"
+    );
+    let mut slow = slow.into_iter();
+    let mut oldest = slow.next().expect("three slow clients");
+    let (got, ended) = oldest.read_until_closed().await;
+    assert!(got.is_empty(), "got {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(ended, Ended::Eof);
+    // The two younger ones were left alone and are served once their heads are complete.
+    for (i, mut client) in slow.enumerate() {
+        client.send(b"\r\n\r\n").await;
+        let response = client.read_response().await;
+        assert_eq!(response.status, 200, "slow client {}: {response:?}", i + 1);
+        assert_eq!(
+            s.http
+                .requests
+                .next("a finished slow request")
+                .await
+                .uri
+                .path(),
+            format!("/app/slow{}", i + 1)
+        );
+    }
+    assert_eq!(
+        metric(
+            &s.metrics().await,
+            "wsgate_rejected_total{reason=\"pending_heads\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 /// Sends `request` raw and asserts the answer is 400 and that nothing of it reached the

@@ -128,6 +128,12 @@ pub struct Limits {
     pub max_frame_size: u64,
     /// `None` when "0/s" (unlimited, the default).
     pub max_frame_rate: Option<Rate>,
+    /// Bytes of one request head (request line, header lines, the empty line ending them).
+    pub max_request_head: usize,
+    /// Header lines in one request head.
+    pub max_request_headers: usize,
+    /// Connections that may wait for a request head at once; the oldest is closed for a new one.
+    pub max_pending_heads: usize,
 }
 
 /// "N/s", "N/m" or "N/h": `count` events per `per`.
@@ -145,6 +151,18 @@ pub struct UpstreamConfig {
     pub balance: Balance,
     pub tls: Option<UpstreamTls>,
     pub health: Option<HealthCheck>,
+    pub host_header: HostHeader,
+}
+
+/// The `Host` header an upstream receives (`[upstreams.X] host_header`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The client's host (after the absolute-form authority replaced it, if any).
+    Preserve,
+    /// The address of the server wsgate connected to, as written in `servers`.
+    Upstream,
+    /// Always this value.
+    Literal(String),
 }
 
 /// `host:port`, host being an IP literal or a DNS name resolved at connect time.
@@ -265,7 +283,7 @@ pub mod defaults {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
-    use super::{Balance, LogFormat, Rate};
+    use super::{Balance, HostHeader, LogFormat, Rate};
 
     /// `[log] level`: one line per notable event; per-request detail is opt-in.
     pub const LOG_LEVEL: &str = "info";
@@ -322,6 +340,19 @@ pub mod defaults {
     pub const MAX_FRAME_SIZE: u64 = 1 << 20;
     /// `max_frame_rate`: unlimited; a per-connection frame budget depends on the app.
     pub const MAX_FRAME_RATE: Option<Rate> = None;
+    /// `max_request_head` (bytes, 64 KiB): twice nginx's default header buffers (4 x 8 KiB),
+    /// above Envoy's 60 KiB; cookie-heavy apps stay well below it.
+    pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+    /// `max_request_headers` (header lines): Envoy's and hyper's default; browsers send 10-20.
+    pub const MAX_REQUEST_HEADERS: usize = 100;
+    /// `max_pending_heads` (connections): sized for a 2 GiB box. A connection waiting for its
+    /// head holds about 1 KiB plus the bytes it has sent (docs/performance.md), at most
+    /// `max_request_head` + a few KiB, so 10,000 stay under ~700 MiB even in the worst case,
+    /// while real clients finish their heads within milliseconds and never come close.
+    pub const MAX_PENDING_HEADS: usize = 10_000;
+    /// `[upstreams.X] host_header`: the client's host, as nginx's `$host` and Traefik's
+    /// `passHostHeader = true`: apps build links from it.
+    pub const HOST_HEADER: HostHeader = HostHeader::Preserve;
 
     /// `[upstreams.X] balance`: the simplest mode, needs no state.
     pub const BALANCE: Balance = Balance::RoundRobin;
@@ -372,6 +403,9 @@ impl Default for Limits {
             handshake_rate_per_ip: defaults::HANDSHAKE_RATE_PER_IP,
             max_frame_size: defaults::MAX_FRAME_SIZE,
             max_frame_rate: defaults::MAX_FRAME_RATE,
+            max_request_head: defaults::MAX_REQUEST_HEAD,
+            max_request_headers: defaults::MAX_REQUEST_HEADERS,
+            max_pending_heads: defaults::MAX_PENDING_HEADS,
         }
     }
 }

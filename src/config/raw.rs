@@ -154,6 +154,9 @@ pub struct RawLimits {
     pub handshake_rate_per_ip: Option<Spanned<UnitText>>,
     pub max_frame_size: Option<Spanned<UnitText>>,
     pub max_frame_rate: Option<Spanned<UnitText>>,
+    pub max_request_head: Option<Spanned<UnitText>>,
+    pub max_request_headers: Option<Spanned<i64>>,
+    pub max_pending_heads: Option<Spanned<i64>>,
 }
 
 /// `[upstreams.NAME]`
@@ -164,6 +167,7 @@ pub struct RawUpstream {
     pub balance: Option<Spanned<String>>,
     pub tls: Option<RawUpstreamTls>,
     pub health: Option<RawHealth>,
+    pub host_header: Option<Spanned<String>>,
 }
 
 /// `tls = { enabled, ca, server_name }` of an upstream.

@@ -1,4 +1,5 @@
-//! Unit syntax for config values: durations ("500ms", "1m30s"), sizes ("64KiB"), rates ("50/s").
+//! Value syntax for config values: durations ("500ms", "1m30s"), sizes ("64KiB"), rates
+//! ("50/s"), and `host[:port]` (shared with the request path, which checks `Host` the same way).
 //!
 //! Each parser returns a short message on error that says what is wrong and what would be
 //! valid; the caller adds the key name and the position.
@@ -261,6 +262,64 @@ fn scaled(number: &str, per_unit: u128) -> Option<Scaled> {
         value,
         fraction_lost,
     })
+}
+
+/// Longest `host[:port]` (RFC 1035 allows 253 characters; brackets and port add a little).
+const MAX_HOST_LEN: usize = 255 + 7;
+
+/// A `Host` value or authority: a DNS name, an IPv4 address or a bracketed IPv6 address,
+/// then optionally `:` and a port from 1 to 65535. No user info, no empty labels.
+pub fn is_valid_host(s: &str) -> bool {
+    if s.is_empty() || s.len() > MAX_HOST_LEN {
+        return false;
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some(end) = rest.find(']') else {
+            return false;
+        };
+        let (literal, after) = (&rest[..end], &rest[end + 1..]);
+        if literal.is_empty()
+            || !literal
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            || literal.parse::<std::net::Ipv6Addr>().is_err()
+        {
+            return false;
+        }
+        match after {
+            "" => return true,
+            _ => match after.strip_prefix(':') {
+                Some(port) => ("[v6]", Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match s.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        }
+    };
+    if let Some(port) = port {
+        let valid_port = !port.is_empty()
+            && port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p));
+        if !valid_port {
+            return false;
+        }
+    }
+    if host == "[v6]" {
+        return true;
+    }
+    // One trailing dot (a fully qualified name) is fine; empty labels elsewhere are not.
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@ use super::raw::{
 };
 use super::units::{format_duration, parse_duration, parse_rate, parse_size};
 use super::{
-    AdminConfig, Balance, Builtin, CertKey, Config, HealthCheck, HostMatch, Limits, ListenerConfig,
-    LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig, ServerAddr, SniCert,
-    Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
+    AdminConfig, Balance, Builtin, CertKey, Config, HealthCheck, HostHeader, HostMatch, Limits,
+    ListenerConfig, LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig,
+    ServerAddr, SniCert, Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
 };
 
 /// Most tokio worker threads accepted. More is a typo or a misunderstanding (threads beyond
@@ -30,6 +30,13 @@ pub const MAX_WORKER_THREADS: i64 = 1024;
 
 /// Largest `max_frame_size`: 2^63 bytes, the biggest payload length RFC 6455 can express.
 pub const MAX_FRAME_SIZE_LIMIT: u64 = 1 << 63;
+
+/// Bounds of `max_request_head`: below 1 KiB real browser heads (cookies, user agents) are
+/// refused; above 1 MiB a head is no longer a head but an attack on memory.
+const MIN_REQUEST_HEAD: u64 = 1024;
+const MAX_REQUEST_HEAD_LIMIT: u64 = 1 << 20;
+/// Most `max_request_headers`: ten times what any real client sends.
+const MAX_REQUEST_HEADERS_LIMIT: i64 = 1000;
 
 /// Level names accepted on their own in `[log] level`; anything else must look like an
 /// EnvFilter directive (contain `=`, `,` or `[`), so a typo such as "inf" is caught rather
@@ -311,6 +318,39 @@ impl Checker<'_> {
             limits.max_frame_rate = self
                 .rate(&v, "limits.max_frame_rate")
                 .unwrap_or(limits.max_frame_rate);
+        }
+        if let Some(v) = raw.max_request_head {
+            match parse_size(&v.get_ref().text) {
+                Ok(n) if (MIN_REQUEST_HEAD..=MAX_REQUEST_HEAD_LIMIT).contains(&n) => {
+                    limits.max_request_head = n as usize
+                }
+                Ok(_) => self.report(
+                    v.span(),
+                    r#"limits.max_request_head must be between 1KiB and 1MiB, e.g. "64KiB""#,
+                ),
+                Err(e) => self.report(
+                    v.span(),
+                    format!(
+                        "invalid size {} for limits.max_request_head: {e}",
+                        v.get_ref().shown()
+                    ),
+                ),
+            }
+        }
+        if let Some(v) = raw.max_request_headers {
+            limits.max_request_headers = self
+                .count(
+                    &v,
+                    "limits.max_request_headers",
+                    1,
+                    MAX_REQUEST_HEADERS_LIMIT,
+                )
+                .map_or(limits.max_request_headers, |n| n as usize);
+        }
+        if let Some(v) = raw.max_pending_heads {
+            limits.max_pending_heads = self
+                .count(&v, "limits.max_pending_heads", 1, i64::from(u32::MAX))
+                .map_or(limits.max_pending_heads, |n| n as usize);
         }
         limits
     }
@@ -701,6 +741,23 @@ impl Checker<'_> {
             None => Some(None),
             Some(h) => self.health(h, &path),
         };
+        let host_header = match raw.host_header {
+            None => defaults::HOST_HEADER,
+            Some(h) => match parse_host_header(h.get_ref()) {
+                Ok(host_header) => host_header,
+                Err(e) => {
+                    self.report(
+                        h.span(),
+                        format!(
+                            "invalid host_header {:?} for {path}.host_header: {e}",
+                            h.get_ref()
+                        ),
+                    );
+                    ok = false;
+                    defaults::HOST_HEADER
+                }
+            },
+        };
         let (tls, health) = (tls?, health?);
         ok.then_some(UpstreamConfig {
             name,
@@ -708,6 +765,7 @@ impl Checker<'_> {
             balance,
             tls,
             health,
+            host_header,
         })
     }
 
@@ -1143,6 +1201,16 @@ pub fn parse_server(s: &str) -> Result<ServerAddr, String> {
 }
 
 /// `round_robin`, `least_conn`, `ip_hash`, `header:NAME` or `cookie:NAME`.
+/// `"preserve"`, `"upstream"`, or a literal `host[:port]`.
+pub fn parse_host_header(s: &str) -> Result<HostHeader, String> {
+    match s {
+        "preserve" => Ok(HostHeader::Preserve),
+        "upstream" => Ok(HostHeader::Upstream),
+        _ if super::units::is_valid_host(s) => Ok(HostHeader::Literal(s.to_owned())),
+        _ => Err(r#"expected "preserve", "upstream" or a host name with an optional port, e.g. "chat.internal:8080""#.to_owned()),
+    }
+}
+
 pub fn parse_balance(s: &str) -> Result<Balance, String> {
     const VALID: &str =
         r#"expected one of round_robin, least_conn, ip_hash, "header:NAME", "cookie:NAME""#;
@@ -1460,6 +1528,9 @@ upstream = \"app\"
                 }),
                 max_frame_size: 1024 * 1024,
                 max_frame_rate: None,
+                max_request_head: 64 * 1024,
+                max_request_headers: 100,
+                max_pending_heads: 10_000,
             }
         );
         let app = c.upstream("app").unwrap();
@@ -1516,9 +1587,13 @@ max_connections_per_ip = 2
 handshake_rate_per_ip = "0/s"
 max_frame_size = "64KiB"
 max_frame_rate = "100/m"
+max_request_head = "8KiB"
+max_request_headers = 50
+max_pending_heads = 2000
 [upstreams.chat]
 servers = ["10.0.0.1:9001", "[::1]:9002", "Chat.Internal:9003"]
 balance = "cookie:io"
+host_header = "chat.internal:8080"
 tls = { enabled = false, server_name = "chat.internal" }
 health = { path = "/up", interval = "10s", timeout = "1s", unhealthy_after = 5, healthy_after = 1 }
 [routes.chat]
@@ -1554,8 +1629,15 @@ builtin = "echo"
                 per: Duration::from_secs(60)
             })
         );
+        assert_eq!(c.limits.max_request_head, 8192);
+        assert_eq!(c.limits.max_request_headers, 50);
+        assert_eq!(c.limits.max_pending_heads, 2000);
         let chat = c.upstream("chat").unwrap();
         assert_eq!(chat.balance, Balance::Cookie("io".into()));
+        assert_eq!(
+            chat.host_header,
+            HostHeader::Literal("chat.internal:8080".into())
+        );
         assert!(chat.tls.is_none(), "enabled = false");
         assert_eq!(
             chat.servers
@@ -1706,6 +1788,32 @@ builtin = "echo"
             "proxy.toml:11:26: ",
             "invalid limits.max_connections_per_ip -5: expected at least 1",
         );
+        for bad in ["1023B", "1025KiB"] {
+            one_problem(
+                &with(&format!("[limits]\nmax_request_head = \"{bad}\"\n")),
+                "proxy.toml:11:20: ",
+                r#"limits.max_request_head must be between 1KiB and 1MiB, e.g. "64KiB""#,
+            );
+        }
+        for (good, bytes) in [("1KiB", 1024), ("1MiB", 1 << 20)] {
+            let c = config(&with(&format!("[limits]\nmax_request_head = \"{good}\"\n")));
+            assert_eq!(c.limits.max_request_head, bytes);
+        }
+        one_problem(
+            &with("[limits]\nmax_request_head = \"64k\"\n"),
+            "proxy.toml:11:20: ",
+            r#"invalid size "64k" for limits.max_request_head: unknown unit "k""#,
+        );
+        one_problem(
+            &with("[limits]\nmax_request_headers = 1001\n"),
+            "proxy.toml:11:23: ",
+            "invalid limits.max_request_headers 1001: expected between 1 and 1000",
+        );
+        one_problem(
+            &with("[limits]\nmax_pending_heads = 0\n"),
+            "proxy.toml:11:21: ",
+            "invalid limits.max_pending_heads 0: expected between 1 and 4294967295",
+        );
     }
 
     #[test]
@@ -1819,6 +1927,33 @@ builtin = "echo"
             "[listeners.a]\nbind = \"127.0.0.1:0\"\n[listeners.b]\nbind = \"127.0.0.1:0\"\n\
              [listeners.c]\nbind = \"[::1]:8080\"\n[listeners.d]\nbind = \"127.0.0.1:8081\"\n",
         ));
+    }
+
+    #[test]
+    fn upstream_host_header_is_checked() {
+        for bad in ["a b", "", "a/b", "user@host", "host:70000"] {
+            one_problem(
+                &with(&format!(
+                    "[upstreams.x]\nservers = [\"127.0.0.1:1\"]\nhost_header = \"{bad}\"\n"
+                )),
+                "proxy.toml:12:15: ",
+                &format!(
+                    r#"invalid host_header "{bad}" for upstreams.x.host_header: expected "preserve", "upstream" or a host name with an optional port, e.g. "chat.internal:8080""#
+                ),
+            );
+        }
+        for (text, want) in [
+            ("preserve", HostHeader::Preserve),
+            ("upstream", HostHeader::Upstream),
+            ("[::1]:80", HostHeader::Literal("[::1]:80".into())),
+        ] {
+            let c = config(&with(&format!(
+                "[upstreams.x]\nservers = [\"127.0.0.1:1\"]\nhost_header = \"{text}\"\n"
+            )));
+            assert_eq!(c.upstream("x").unwrap().host_header, want);
+        }
+        let c = config(&with("[upstreams.x]\nservers = [\"127.0.0.1:1\"]\n"));
+        assert_eq!(c.upstream("x").unwrap().host_header, HostHeader::Preserve);
     }
 
     #[test]

@@ -94,17 +94,15 @@ pub async fn serve(
         let limits = shared.gateway.load().limits;
         let settings = GuardSettings {
             limits: HeadLimits {
-                max_head: limits_max_request_head(&limits),
-                max_headers: limits_max_request_headers(&limits),
+                max_head: limits.max_request_head,
+                max_headers: limits.max_request_headers,
             },
             conn: ctx.clone(),
             pending: shared.pending_heads.clone(),
-            max_pending: limits_max_pending_heads(&limits),
+            max_pending: limits.max_pending_heads,
         };
         // The connection waits for its first head from now on (a TLS handshake included).
-        let ticket = shared
-            .pending_heads
-            .enter(limits_max_pending_heads(&limits));
+        let ticket = shared.pending_heads.enter(limits.max_pending_heads);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
@@ -219,8 +217,8 @@ async fn serve_hyper<S>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(client_header)
-        .max_buf_size(limits_max_request_head(&limits) + HYPER_BUFFER_SLACK)
-        .max_headers(limits_max_request_headers(&limits))
+        .max_buf_size(limits.max_request_head + HYPER_BUFFER_SLACK)
+        .max_headers(limits.max_request_headers)
         .keep_alive(true);
     let conn = builder
         .serve_connection(TokioIo::new(guard), service)
@@ -244,15 +242,4 @@ async fn serve_hyper<S>(
             debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "HTTP connection ended with an error");
         }
     }
-}
-
-// TEMPORARY until the config keys land.
-fn limits_max_request_head(_: &crate::config::Limits) -> usize {
-    64 * 1024
-}
-fn limits_max_request_headers(_: &crate::config::Limits) -> usize {
-    100
-}
-fn limits_max_pending_heads(_: &crate::config::Limits) -> usize {
-    10_000
 }

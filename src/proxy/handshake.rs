@@ -112,13 +112,11 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let key = validate(&req, &route)?;
     let permit = admit(&shared, &conn)?;
-    let request_head = {
-        let mut headers = upstream_headers(&req, &conn, host);
-        if let Balance::Cookie(name) = &upstream.balance {
-            sticky::strip_request_prefix(&mut headers, name);
-        }
-        upgrade::encode_request(&upstream_target(req.uri(), &route)?, &headers)
-    };
+    let mut headers = upstream_headers(&req, &conn, host);
+    if let Balance::Cookie(name) = &upstream.balance {
+        sticky::strip_request_prefix(&mut headers, name);
+    }
+    let target = upstream_target(req.uri(), &route)?;
     let timeouts = route.config.timeouts;
 
     let mut last_connect_error = None;
@@ -139,6 +137,9 @@ pub async fn forward(
         return Err(connect_failure(&upstream, last_connect_error));
     };
     let active = server.track();
+    upstream.set_host(&mut headers, &server);
+    let request_head = upgrade::encode_request(&target, &headers);
+    drop(headers);
     // Every way the upstream's answer can be unusable: 502 naming the server and the problem.
     let broken = |problem: &dyn std::fmt::Display| ProxyError::UpstreamBroken {
         upstream: upstream.name.to_string(),

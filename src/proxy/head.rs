@@ -18,6 +18,7 @@ use std::borrow::Cow;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
+use crate::config::units::is_valid_host;
 use crate::error::ProxyError;
 
 /// Headers that must not appear twice, with the refusal's wording.
@@ -37,9 +38,6 @@ const SINGLETONS: [(HeaderName, &str); 5] = [
         "more than one Sec-WebSocket-Version header",
     ),
 ];
-
-/// Longest host name (RFC 1035 allows 253 characters; brackets and port add a little).
-const MAX_HOST_LEN: usize = 255 + 7;
 
 /// Checks and rewrites `req`'s head; returns the host the request is for (`None` only for
 /// an HTTP/1.0 request without one), as the client wrote it (port included).
@@ -80,61 +78,6 @@ pub fn read<B>(req: &mut Request<B>) -> Result<Option<String>, ProxyError> {
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
     }
     Ok(host)
-}
-
-/// A `Host` value or authority: a DNS name, an IPv4 address or a bracketed IPv6 address,
-/// then optionally `:` and a port from 1 to 65535. No user info, no empty labels.
-pub fn is_valid_host(s: &str) -> bool {
-    if s.is_empty() || s.len() > MAX_HOST_LEN {
-        return false;
-    }
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let Some(end) = rest.find(']') else {
-            return false;
-        };
-        let (literal, after) = (&rest[..end], &rest[end + 1..]);
-        if literal.is_empty()
-            || !literal
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-            || literal.parse::<std::net::Ipv6Addr>().is_err()
-        {
-            return false;
-        }
-        match after {
-            "" => return true,
-            _ => match after.strip_prefix(':') {
-                Some(port) => ("[v6]", Some(port)),
-                None => return false,
-            },
-        }
-    } else {
-        match s.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (s, None),
-        }
-    };
-    if let Some(port) = port {
-        let valid_port = !port.is_empty()
-            && port.len() <= 5
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p));
-        if !valid_port {
-            return false;
-        }
-    }
-    if host == "[v6]" {
-        return true;
-    }
-    // One trailing dot (a fully qualified name) is fine; empty labels elsewhere are not.
-    let name = host.strip_suffix('.').unwrap_or(host);
-    !name.is_empty()
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
 }
 
 /// RFC 3986 §2.3.

@@ -34,6 +34,7 @@ pub async fn forward(
         sticky::strip_request_prefix(req.headers_mut(), name);
     }
     for server in servers {
+        upstream.set_host(req.headers_mut(), server);
         // Reuse idle connections first; one the server closed meanwhile hands the request
         // back unsent, so it can go on the next one.
         while let Some(mut sender) = server.take_idle() {

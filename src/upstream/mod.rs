@@ -13,12 +13,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{HeaderValue, HOST};
 use http::HeaderMap;
 use tokio::net::TcpStream;
 
 use prometheus::IntGauge;
 
-use crate::config::{Balance, ServerAddr, UpstreamConfig};
+use crate::config::{Balance, HostHeader, ServerAddr, UpstreamConfig};
 use crate::metrics::Metrics;
 
 pub use pool::{HttpSender, PooledSender};
@@ -36,6 +37,9 @@ pub struct Upstream {
     tls: Option<UpstreamTlsContext>,
     /// Active health checks, when configured.
     pub health: Option<crate::config::HealthCheck>,
+    /// `host_header`: `None` keeps the client's `Host`; `Some(None)` sends each server's
+    /// own address; `Some(Some(value))` always sends `value`.
+    host: Option<Option<HeaderValue>>,
 }
 
 /// One server of a pool.
@@ -44,6 +48,8 @@ pub struct Server {
     pub addr: ServerAddr,
     /// `host:port`, as used in logs and metric labels.
     pub label: Arc<str>,
+    /// The label as a `Host` value (`host_header = "upstream"`).
+    host_value: Option<HeaderValue>,
     /// Prefix of sticky cookie values naming this server (`balance = "cookie:NAME"`).
     sticky_id: String,
     /// Live WebSockets plus in-flight requests on this server.
@@ -82,6 +88,7 @@ impl Upstream {
                     healthy_gauge.set(1);
                     Arc::new(Server {
                         sticky_id: sticky::server_id(&label),
+                        host_value: HeaderValue::from_str(&label).ok(),
                         label: Arc::from(label),
                         addr: addr.clone(),
                         active: AtomicU64::new(0),
@@ -99,6 +106,24 @@ impl Upstream {
             next: AtomicUsize::new(0),
             tls: config.tls.as_ref().map(UpstreamTlsContext::new),
             health: config.health.clone(),
+            host: match &config.host_header {
+                HostHeader::Preserve => None,
+                HostHeader::Upstream => Some(None),
+                HostHeader::Literal(value) => Some(HeaderValue::from_str(value).ok()),
+            },
+        }
+    }
+
+    /// Sets the `Host` the upstream receives from `server` (`host_header`); the client's
+    /// stays when the upstream preserves it.
+    pub fn set_host(&self, headers: &mut HeaderMap, server: &Server) {
+        let value = match &self.host {
+            None => return,
+            Some(Some(literal)) => Some(literal),
+            Some(None) => server.host_value.as_ref(),
+        };
+        if let Some(value) = value {
+            headers.insert(HOST, value.clone());
         }
     }
 
