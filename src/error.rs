@@ -26,6 +26,8 @@ pub enum HeadRefusal {
     },
     /// Both `Content-Length` and `Transfer-Encoding`.
     AmbiguousLength,
+    /// `Content-Length` twice (equal or not).
+    DuplicateLength,
 }
 
 impl HeadRefusal {
@@ -36,6 +38,9 @@ impl HeadRefusal {
             HeadRefusal::TooManyHeaders { limit } => ProxyError::TooManyHeaders { limit },
             HeadRefusal::AmbiguousLength => {
                 ProxyError::BadRequest("both Content-Length and Transfer-Encoding")
+            }
+            HeadRefusal::DuplicateLength => {
+                ProxyError::BadRequest("more than one Content-Length header")
             }
         }
     }

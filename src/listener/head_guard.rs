@@ -104,6 +104,7 @@ impl State {
 #[derive(Debug, Default, Clone, Copy)]
 struct Head {
     content_length: Option<u64>,
+    content_length_seen: bool,
     chunked: bool,
     upgrade: bool,
 }
@@ -388,11 +389,16 @@ impl Scanner {
                 if self.head.chunked {
                     return State::Refused(HeadRefusal::AmbiguousLength);
                 }
+                if self.head.content_length_seen {
+                    // hyper folds equal copies into one; the upstream might not.
+                    return State::Refused(HeadRefusal::DuplicateLength);
+                }
+                self.head.content_length_seen = true;
                 self.in_content_length = true;
                 self.value = 0;
             }
             b"transfer-encoding" if exact => {
-                if self.head.content_length.is_some() {
+                if self.head.content_length_seen {
                     return State::Refused(HeadRefusal::AmbiguousLength);
                 }
                 self.head.chunked = true;
@@ -737,6 +743,16 @@ mod tests {
                 assert!(released.is_empty(), "step {step}: released {released:?}");
                 assert_eq!(scanner.refusal(), Some(HeadRefusal::AmbiguousLength));
             }
+        }
+    }
+
+    #[test]
+    fn refuses_content_length_twice_even_when_equal() {
+        for step in [1, 4, 100] {
+            let input = b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello";
+            let (released, scanner) = scan(input, step, LIMITS);
+            assert!(released.is_empty());
+            assert_eq!(scanner.refusal(), Some(HeadRefusal::DuplicateLength));
         }
     }
 

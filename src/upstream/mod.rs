@@ -116,11 +116,13 @@ impl Upstream {
 
     /// Sets the `Host` the upstream receives from `server` (`host_header`); the client's
     /// stays when the upstream preserves it.
+    /// A request without a `Host` (HTTP/1.0) gets the server's address: an HTTP/1.1 request
+    /// must carry one.
     pub fn set_host(&self, headers: &mut HeaderMap, server: &Server) {
         let value = match &self.host {
-            None => return,
+            None if headers.contains_key(HOST) => return,
+            None | Some(None) => server.host_value.as_ref(),
             Some(Some(literal)) => Some(literal),
-            Some(None) => server.host_value.as_ref(),
         };
         if let Some(value) = value {
             headers.insert(HOST, value.clone());
