@@ -6,6 +6,8 @@
 //! Subcommands, each usable on its own:
 //! - `upstream`: the echo server every target forwards to (`upstream`).
 //! - `load`: the load client; prints one JSON object (`load`).
+//! - `slowloris`: memory per connection waiting for its head, and handshake latency while
+//!   thousands of such connections trickle (`slowloris`).
 //! - `all`: starts everything pinned to CPUs, runs every workload against every target,
 //!   prints the markdown table, writes target/bench/results.json and ratios.svg (`all`,
 //!   `report`).
@@ -16,6 +18,8 @@ mod all;
 mod load;
 #[path = "proxy/report.rs"]
 mod report;
+#[path = "proxy/slowloris.rs"]
+mod slowloris;
 #[path = "proxy/sys.rs"]
 mod sys;
 #[path = "proxy/upstream.rs"]
@@ -49,6 +53,8 @@ enum Cmd {
     Upstream(upstream::Opts),
     /// The load client: one workload against one URL, JSON on stdout.
     Load(load::Opts),
+    /// Slow request heads: memory per waiting connection, handshake latency during the attack.
+    Slowloris(slowloris::Opts),
 }
 
 /// Durations on the command line: "10s", "500ms", "1m30s" (wsgate's own syntax).
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Upstream(opts)) => upstream::run(opts),
         Some(Cmd::Load(opts)) => load::run(opts),
+        Some(Cmd::Slowloris(opts)) => slowloris::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

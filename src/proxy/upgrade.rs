@@ -196,6 +196,13 @@ pub fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, HeadE
 /// client side frames it again as it needs). Trailers are read and dropped.
 pub struct RawBody {
     io: UpstreamStream,
+    decoder: BodyDecoder,
+}
+
+/// The body decoding of [`RawBody`] without I/O: bytes are pushed in, data comes out. Kept
+/// apart so it can be tested (and fuzzed) with any cut of the input.
+#[derive(Debug)]
+pub struct BodyDecoder {
     buf: BytesMut,
     state: State,
 }
@@ -211,19 +218,29 @@ enum State {
     Done,
 }
 
-impl RawBody {
-    pub fn new(io: UpstreamStream, rest: BytesMut, framing: Framing) -> Self {
+/// What [`BodyDecoder::step`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Body bytes, in order.
+    Data(Bytes),
+    /// Progress without data (a chunk-size line, a trailer): call again.
+    Again,
+    /// Nothing more can be decoded until more bytes are pushed.
+    NeedMore,
+    /// The body is complete.
+    End,
+}
+
+impl BodyDecoder {
+    /// A decoder for a body framed as `framing`, starting with the bytes in `rest`.
+    pub fn new(rest: BytesMut, framing: Framing) -> Self {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::ChunkSize,
             Framing::ToClose => State::ToClose,
         };
-        RawBody {
-            io,
-            buf: rest,
-            state,
-        }
+        BodyDecoder { buf: rest, state }
     }
 
     pub fn is_end_stream(&self) -> bool {
@@ -238,17 +255,23 @@ impl RawBody {
         }
     }
 
-    /// Reads more into the buffer; false at the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(8 * 1024);
+    /// Appends bytes read from the upstream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The input ended: fine for a body read to the close, an error anywhere else.
+    pub fn end_of_input(&mut self) -> io::Result<()> {
+        let to_close = self.state == State::ToClose;
+        self.state = State::Done;
+        if to_close {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the upstream closed the connection in the middle of the body",
+            ))
         }
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.buf
-        ))?;
-        Poll::Ready(Ok(n > 0))
     }
 
     /// The next line in the buffer (without its line end), once a whole one is there.
@@ -268,7 +291,16 @@ impl RawBody {
     }
 
     /// Advances the state machine over what is buffered; a data frame when it has one.
-    fn step(&mut self) -> io::Result<Step> {
+    /// After an error the decoder is done.
+    pub fn step(&mut self) -> io::Result<Step> {
+        let step = self.advance();
+        if step.is_err() {
+            self.state = State::Done;
+        }
+        step
+    }
+
+    fn advance(&mut self) -> io::Result<Step> {
         match self.state {
             State::Done => Ok(Step::End),
             State::Length(n) | State::ChunkData(n) if !self.buf.is_empty() => {
@@ -328,48 +360,61 @@ impl RawBody {
             State::Length(_) | State::ChunkData(_) | State::ToClose => Ok(Step::NeedMore),
         }
     }
+}
+
+impl RawBody {
+    pub fn new(io: UpstreamStream, rest: BytesMut, framing: Framing) -> Self {
+        RawBody {
+            io,
+            decoder: BodyDecoder::new(rest, framing),
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.decoder.is_end_stream()
+    }
+
+    pub fn exact_len(&self) -> Option<u64> {
+        self.decoder.exact_len()
+    }
+
+    /// Reads more into the decoder's buffer; false at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let buf = &mut self.decoder.buf;
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            buf
+        ))?;
+        Poll::Ready(Ok(n > 0))
+    }
 
     pub fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         loop {
-            match self.step() {
+            match self.decoder.step() {
                 Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Ok(Step::End) => return Poll::Ready(None),
                 Ok(Step::Again) => {}
                 Ok(Step::NeedMore) => match ready!(self.poll_fill(cx)) {
                     Ok(true) => {}
-                    Ok(false) if self.state == State::ToClose => {
-                        self.state = State::Done;
-                        return Poll::Ready(None);
-                    }
                     Ok(false) => {
-                        self.state = State::Done;
-                        return Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the upstream closed the connection in the middle of the body",
-                        ))));
+                        return Poll::Ready(self.decoder.end_of_input().err().map(Err));
                     }
                     Err(e) => {
-                        self.state = State::Done;
+                        self.decoder.state = State::Done;
                         return Poll::Ready(Some(Err(e)));
                     }
                 },
-                Err(e) => {
-                    self.state = State::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
     }
-}
-
-enum Step {
-    Data(Bytes),
-    Again,
-    NeedMore,
-    End,
 }
 
 fn invalid(what: &str) -> io::Error {
