@@ -337,13 +337,17 @@ impl BodyDecoder {
                 }
                 None => Ok(Step::NeedMore),
             },
-            State::ChunkEnd => match self.take_line(2)? {
-                Some(line) if line.is_empty() => {
+            // Exactly CRLF (or a bare LF) after the data; decided from the first bytes, so
+            // the verdict is the same however the input was cut.
+            State::ChunkEnd => match &self.buf[..] {
+                [] | [b'\r'] => Ok(Step::NeedMore),
+                [b'\n', ..] | [b'\r', b'\n', ..] => {
+                    let end = if self.buf[0] == b'\n' { 1 } else { 2 };
+                    self.buf.advance(end);
                     self.state = State::ChunkSize;
                     Ok(Step::Again)
                 }
-                Some(_) => Err(invalid("chunk data longer than its size")),
-                None => Ok(Step::NeedMore),
+                _ => Err(invalid("chunk data longer than its size")),
             },
             State::Trailers(seen) if seen > MAX_TRAILERS => Err(invalid("trailers over 64 KiB")),
             State::Trailers(seen) => match self.take_line(MAX_TRAILERS - seen)? {
