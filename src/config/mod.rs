@@ -3,7 +3,8 @@
 //!
 //! - `raw`: serde view of the file, with positions; unknown keys are errors.
 //! - [`units`]: durations ("30s"), sizes ("1MiB") and rates ("50/s").
-//! - `validate`: defaults, value syntax, cross-checks, certificate loading.
+//! - `values`: the syntax of single values (addresses, hosts, paths, origins, ...).
+//! - `validate`: defaults, cross-checks, certificate loading; every problem reported.
 //!
 //! Entry points: [`Config::load`] and [`Config::from_toml`]; on failure a [`ConfigError`]
 //! lists every problem as `file:line:col: message`.
@@ -11,6 +12,7 @@
 mod raw;
 pub mod units;
 mod validate;
+mod values;
 
 use std::fmt;
 use std::net::SocketAddr;

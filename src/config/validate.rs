@@ -1,8 +1,15 @@
 //! Raw config -> validated [`Config`]: defaults, syntax of every value, cross-checks between
 //! tables, and loading of certificate files. Every problem is collected, none stops the rest.
+//!
+//! One rule keeps the checks simple: a check that finds a problem reports it and carries on
+//! with a stand-in (the default, or nothing), and [`check`] returns a [`Config`] only when no
+//! problem was reported at all, so no stand-in ever reaches the rest of wsgate. A check
+//! returns `Option` only where there is no stand-in (a certificate that did not load); where
+//! a later check must know whether earlier ones passed (two routes claiming the same place),
+//! it compares [`Checker::mark`]s.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,14 +21,18 @@ use toml::Spanned;
 
 use super::defaults;
 use super::raw::{
-    self, key_segment, Named, NamedTables, Problem, RawConfig, RawHealth, RawLimits, RawListener,
+    self, key_segment, NamedTables, Problem, RawConfig, RawHealth, RawLimits, RawListener,
     RawRoute, RawTimeouts, RawTls, RawUpstream, RawUpstreamTls, UnitText,
 };
 use super::units::{format_duration, parse_duration, parse_rate, parse_size};
+use super::values::{
+    check_log_level, clash, clash_reason, normalize_origin, normalize_path, parse_balance,
+    parse_bind, parse_host, parse_host_header, parse_server, parse_sni_name, pem_error,
+};
 use super::{
-    AdminConfig, Balance, Builtin, CertKey, Config, HealthCheck, HostHeader, HostMatch, Limits,
-    ListenerConfig, LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig,
-    ServerAddr, SniCert, Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
+    AdminConfig, Builtin, CertKey, Config, HealthCheck, HostMatch, Limits, ListenerConfig,
+    LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig, ServerAddr, SniCert,
+    Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
 };
 
 /// Most tokio worker threads accepted. More is a typo or a misunderstanding (threads beyond
@@ -38,11 +49,6 @@ const MAX_REQUEST_HEAD_LIMIT: u64 = 1 << 20;
 /// Most `max_request_headers`: ten times what any real client sends.
 const MAX_REQUEST_HEADERS_LIMIT: i64 = 1000;
 
-/// Level names accepted on their own in `[log] level`; anything else must look like an
-/// EnvFilter directive (contain `=`, `,` or `[`), so a typo such as "inf" is caught rather
-/// than silently read as "trace for a module called inf".
-const LOG_LEVEL_NAMES: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-
 /// Parses and checks `text` (read from `source`) into a [`Config`]. Every problem found is
 /// appended to `problems`; the result is `Some` only when there are none.
 pub fn check(text: &str, source: &Path, problems: &mut Vec<Problem>) -> Option<Config> {
@@ -55,10 +61,23 @@ pub fn check(text: &str, source: &Path, problems: &mut Vec<Problem>) -> Option<C
         provider: rustls::crypto::ring::default_provider(),
     };
     let config = checker.config(raw, source);
-    if problems.len() > start {
-        None
-    } else {
-        config
+    (problems.len() == start).then_some(config)
+}
+
+/// How a value is quoted in messages: strings in quotes, unit values as they were written.
+trait Shown {
+    fn shown(&self) -> String;
+}
+
+impl Shown for String {
+    fn shown(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+impl Shown for UnitText {
+    fn shown(&self) -> String {
+        UnitText::shown(self)
     }
 }
 
@@ -70,12 +89,43 @@ struct Checker<'a> {
     provider: CryptoProvider,
 }
 
+/// A point in the problem list: [`Checker::clean_since`] says whether anything came after.
+#[derive(Clone, Copy)]
+struct Mark(usize);
+
 impl Checker<'_> {
     fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.problems.push(Problem::at(span, message));
     }
 
-    fn config(&mut self, raw: RawConfig, source: &Path) -> Option<Config> {
+    fn mark(&self) -> Mark {
+        Mark(self.problems.len())
+    }
+
+    fn clean_since(&self, mark: Mark) -> bool {
+        self.problems.len() == mark.0
+    }
+
+    /// Parses one value; on failure reports `invalid WHAT VALUE PLACE: ERROR` at the value
+    /// (`place` is "for KEY" or "in KEY").
+    fn parse<V: Shown, T>(
+        &mut self,
+        value: &Spanned<V>,
+        what: &str,
+        place: &str,
+        parse: impl FnOnce(&V) -> Result<T, String>,
+    ) -> Option<T> {
+        match parse(value.get_ref()) {
+            Ok(parsed) => Some(parsed),
+            Err(e) => {
+                let message = format!("invalid {what} {} {place}: {e}", value.get_ref().shown());
+                self.report(value.span(), message);
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig, source: &Path) -> Config {
         let log = self.log(raw.log);
         let runtime = self.runtime(raw.runtime);
         let admin = self.admin(raw.admin);
@@ -84,17 +134,17 @@ impl Checker<'_> {
         let listeners = self.listeners(raw.listeners, &admin);
         let upstreams = self.upstreams(raw.upstreams);
         let routes = self.routes(raw.routes, &upstreams, timeouts);
-        Some(Config {
+        Config {
             source: source.to_path_buf(),
             log,
             runtime,
             admin: admin.config,
-            listeners: listeners?,
+            listeners,
             timeouts,
             limits,
             upstreams: upstreams.configs,
-            routes: routes?,
-        })
+            routes,
+        }
     }
 
     // ----- [log], [runtime], [admin] -----
@@ -106,25 +156,22 @@ impl Checker<'_> {
         };
         let Some(raw) = raw else { return log };
         if let Some(level) = raw.level {
-            match check_log_level(level.get_ref()) {
-                Ok(()) => log.level = level.get_ref().clone(),
-                Err(e) => self.report(
-                    level.span(),
-                    format!("invalid log level {:?} for log.level: {e}", level.get_ref()),
-                ),
+            if self
+                .parse(&level, "log level", "for log.level", |l| check_log_level(l))
+                .is_some()
+            {
+                log.level = level.into_inner();
             }
         }
         if let Some(format) = raw.format {
-            match format.get_ref().as_str() {
-                "text" => log.format = LogFormat::Text,
-                "json" => log.format = LogFormat::Json,
-                other => self.report(
-                    format.span(),
-                    format!(
-                        r#"invalid log format {other:?} for log.format: expected "text" or "json""#
-                    ),
-                ),
-            }
+            let format = self.parse(&format, "log format", "for log.format", |f| {
+                match f.as_str() {
+                    "text" => Ok(LogFormat::Text),
+                    "json" => Ok(LogFormat::Json),
+                    _ => Err(r#"expected "text" or "json""#.to_string()),
+                }
+            });
+            log.format = format.unwrap_or(log.format);
         }
         log
     }
@@ -160,15 +207,9 @@ impl Checker<'_> {
             span: None,
         };
         if let Some(bind) = raw.and_then(|r| r.bind) {
-            match parse_bind(bind.get_ref()) {
-                Ok(addr) => {
-                    admin.config.bind = addr;
-                    admin.span = Some(bind.span());
-                }
-                Err(e) => self.report(
-                    bind.span(),
-                    format!("invalid address {:?} for admin.bind: {e}", bind.get_ref()),
-                ),
+            if let Some(addr) = self.parse(&bind, "address", "for admin.bind", |b| parse_bind(b)) {
+                admin.config.bind = addr;
+                admin.span = Some(bind.span());
             }
         }
         admin
@@ -199,58 +240,54 @@ impl Checker<'_> {
     fn timeouts_over(&mut self, base: Timeouts, raw: &RawTimeouts, prefix: &str) -> Timeouts {
         let mut t = base;
         let key = |name: &str| format!("{prefix}.{name}");
-        if let Some(v) = &raw.client_header {
-            t.client_header = self.positive_duration(v, &key("client_header"), t.client_header);
+        let positive = [
+            (&raw.client_header, &mut t.client_header, "client_header"),
+            (
+                &raw.upstream_connect,
+                &mut t.upstream_connect,
+                "upstream_connect",
+            ),
+            (
+                &raw.upstream_handshake,
+                &mut t.upstream_handshake,
+                "upstream_handshake",
+            ),
+            (&raw.idle, &mut t.idle, "idle"),
+            (&raw.pong_timeout, &mut t.pong_timeout, "pong_timeout"),
+            (&raw.shutdown_grace, &mut t.shutdown_grace, "shutdown_grace"),
+        ];
+        for (value, slot, name) in positive {
+            if let Some(value) = value {
+                *slot = self.positive_duration(value, &key(name), *slot);
+            }
         }
-        if let Some(v) = &raw.upstream_connect {
-            t.upstream_connect =
-                self.positive_duration(v, &key("upstream_connect"), t.upstream_connect);
+        let switchable = [
+            (&raw.ping_interval, &mut t.ping_interval, "ping_interval"),
+            (
+                &raw.upstream_ping_interval,
+                &mut t.upstream_ping_interval,
+                "upstream_ping_interval",
+            ),
+        ];
+        for (value, slot, name) in switchable {
+            if let Some(d) = value.as_ref().and_then(|v| self.duration(v, &key(name))) {
+                *slot = zero_is_off(d);
+            }
         }
-        if let Some(v) = &raw.upstream_handshake {
-            t.upstream_handshake =
-                self.positive_duration(v, &key("upstream_handshake"), t.upstream_handshake);
-        }
-        if let Some(v) = &raw.idle {
-            t.idle = self.positive_duration(v, &key("idle"), t.idle);
-        }
-        if let Some(v) = &raw.ping_interval {
-            t.ping_interval = self
-                .duration(v, &key("ping_interval"))
-                .map_or(t.ping_interval, zero_is_off);
-        }
-        if let Some(v) = &raw.pong_timeout {
-            t.pong_timeout = self.positive_duration(v, &key("pong_timeout"), t.pong_timeout);
-        }
-        if let Some(v) = &raw.upstream_ping_interval {
-            t.upstream_ping_interval = self
-                .duration(v, &key("upstream_ping_interval"))
-                .map_or(t.upstream_ping_interval, zero_is_off);
-        }
-        if let Some(v) = &raw.shutdown_grace {
-            t.shutdown_grace = self.positive_duration(v, &key("shutdown_grace"), t.shutdown_grace);
-        }
-        if let Some(v) = &raw.drain_spread {
-            t.drain_spread = self
-                .duration(v, &key("drain_spread"))
-                .unwrap_or(t.drain_spread);
+        if let Some(d) = raw
+            .drain_spread
+            .as_ref()
+            .and_then(|v| self.duration(v, &key("drain_spread")))
+        {
+            t.drain_spread = d;
         }
         t
     }
 
     fn duration(&mut self, value: &Spanned<UnitText>, key: &str) -> Option<Duration> {
-        match parse_duration(&value.get_ref().text) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.report(
-                    value.span(),
-                    format!(
-                        "invalid duration {} for {key}: {e}",
-                        value.get_ref().shown()
-                    ),
-                );
-                None
-            }
-        }
+        self.parse(value, "duration", &format!("for {key}"), |v| {
+            parse_duration(&v.text)
+        })
     }
 
     /// A duration that must be more than zero; `fallback` is used after reporting a problem.
@@ -279,93 +316,105 @@ impl Checker<'_> {
     fn limits(&mut self, raw: Option<RawLimits>) -> Limits {
         let mut limits = Limits::default();
         let Some(raw) = raw else { return limits };
-        if let Some(v) = raw.max_connections {
-            limits.max_connections = self
-                .count(&v, "limits.max_connections", 1, i64::MAX)
-                .unwrap_or(limits.max_connections);
+        let counts = [
+            (
+                &raw.max_connections,
+                &mut limits.max_connections,
+                "max_connections",
+                1,
+                i64::MAX,
+            ),
+            (
+                &raw.max_connections_per_ip,
+                &mut limits.max_connections_per_ip,
+                "max_connections_per_ip",
+                1,
+                i64::MAX,
+            ),
+        ];
+        for (value, slot, name, min, max) in counts {
+            if let Some(value) = value {
+                *slot = self
+                    .count(value, &format!("limits.{name}"), min, max)
+                    .unwrap_or(*slot);
+            }
         }
-        if let Some(v) = raw.max_connections_per_ip {
-            limits.max_connections_per_ip = self
-                .count(&v, "limits.max_connections_per_ip", 1, i64::MAX)
-                .unwrap_or(limits.max_connections_per_ip);
+        let small_counts = [
+            (
+                &raw.max_request_headers,
+                &mut limits.max_request_headers,
+                "max_request_headers",
+                MAX_REQUEST_HEADERS_LIMIT,
+            ),
+            (
+                &raw.max_pending_heads,
+                &mut limits.max_pending_heads,
+                "max_pending_heads",
+                i64::from(u32::MAX),
+            ),
+        ];
+        for (value, slot, name, max) in small_counts {
+            if let Some(value) = value {
+                let n = self.count(value, &format!("limits.{name}"), 1, max);
+                *slot = n.and_then(|n| usize::try_from(n).ok()).unwrap_or(*slot);
+            }
         }
-        if let Some(v) = raw.handshake_rate_per_ip {
-            limits.handshake_rate_per_ip = self
-                .rate(&v, "limits.handshake_rate_per_ip")
-                .unwrap_or(limits.handshake_rate_per_ip);
+        let rates = [
+            (
+                &raw.handshake_rate_per_ip,
+                &mut limits.handshake_rate_per_ip,
+                "handshake_rate_per_ip",
+            ),
+            (
+                &raw.max_frame_rate,
+                &mut limits.max_frame_rate,
+                "max_frame_rate",
+            ),
+        ];
+        for (value, slot, name) in rates {
+            if let Some(value) = value {
+                *slot = self.rate(value, &format!("limits.{name}")).unwrap_or(*slot);
+            }
         }
-        if let Some(v) = raw.max_frame_size {
-            match parse_size(&v.get_ref().text) {
-                Ok(0) => self.report(
+        if let Some(v) = &raw.max_frame_size {
+            match self.size(v, "limits.max_frame_size") {
+                Some(0) => self.report(
                     v.span(),
                     r#"limits.max_frame_size must be more than zero, e.g. "1MiB""#,
                 ),
-                Ok(n) if n > MAX_FRAME_SIZE_LIMIT => self.report(
+                Some(n) if n > MAX_FRAME_SIZE_LIMIT => self.report(
                     v.span(),
                     "limits.max_frame_size is larger than a WebSocket frame can be (2^63 bytes)",
                 ),
-                Ok(n) => limits.max_frame_size = n,
-                Err(e) => self.report(
-                    v.span(),
-                    format!(
-                        "invalid size {} for limits.max_frame_size: {e}",
-                        v.get_ref().shown()
-                    ),
-                ),
+                Some(n) => limits.max_frame_size = n,
+                None => {}
             }
         }
-        if let Some(v) = raw.max_frame_rate {
-            limits.max_frame_rate = self
-                .rate(&v, "limits.max_frame_rate")
-                .unwrap_or(limits.max_frame_rate);
-        }
-        if let Some(v) = raw.max_request_head {
-            match parse_size(&v.get_ref().text) {
-                Ok(n) if (MIN_REQUEST_HEAD..=MAX_REQUEST_HEAD_LIMIT).contains(&n) => {
-                    limits.max_request_head = n as usize
+        if let Some(v) = &raw.max_request_head {
+            match self.size(v, "limits.max_request_head") {
+                Some(n) if (MIN_REQUEST_HEAD..=MAX_REQUEST_HEAD_LIMIT).contains(&n) => {
+                    limits.max_request_head = n as usize;
                 }
-                Ok(_) => self.report(
+                Some(_) => self.report(
                     v.span(),
                     r#"limits.max_request_head must be between 1KiB and 1MiB, e.g. "64KiB""#,
                 ),
-                Err(e) => self.report(
-                    v.span(),
-                    format!(
-                        "invalid size {} for limits.max_request_head: {e}",
-                        v.get_ref().shown()
-                    ),
-                ),
+                None => {}
             }
-        }
-        if let Some(v) = raw.max_request_headers {
-            limits.max_request_headers = self
-                .count(
-                    &v,
-                    "limits.max_request_headers",
-                    1,
-                    MAX_REQUEST_HEADERS_LIMIT,
-                )
-                .map_or(limits.max_request_headers, |n| n as usize);
-        }
-        if let Some(v) = raw.max_pending_heads {
-            limits.max_pending_heads = self
-                .count(&v, "limits.max_pending_heads", 1, i64::from(u32::MAX))
-                .map_or(limits.max_pending_heads, |n| n as usize);
         }
         limits
     }
 
+    fn size(&mut self, value: &Spanned<UnitText>, key: &str) -> Option<u64> {
+        self.parse(value, "size", &format!("for {key}"), |v| {
+            parse_size(&v.text)
+        })
+    }
+
     fn rate(&mut self, value: &Spanned<UnitText>, key: &str) -> Option<Option<Rate>> {
-        match parse_rate(&value.get_ref().text) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                self.report(
-                    value.span(),
-                    format!("invalid rate {} for {key}: {e}", value.get_ref().shown()),
-                );
-                None
-            }
-        }
+        self.parse(value, "rate", &format!("for {key}"), |v| {
+            parse_rate(&v.text)
+        })
     }
 
     /// A whole number in `min..=max`.
@@ -389,19 +438,19 @@ impl Checker<'_> {
         &mut self,
         raw: Option<NamedTables<RawListener>>,
         admin: &CheckedAdmin,
-    ) -> Option<Vec<ListenerConfig>> {
+    ) -> Vec<ListenerConfig> {
         let Some(raw) = raw else {
             self.problems.push(Problem::whole_file(
                 r#"no listeners: add at least one, e.g. [listeners.public] with bind = "0.0.0.0:8080""#,
             ));
-            return None;
+            return Vec::new();
         };
         if raw.entries.is_empty() {
             self.report(
                 raw.span,
                 r#"[listeners] is empty: add at least one, e.g. [listeners.public] with bind = "0.0.0.0:8080""#,
             );
-            return None;
+            return Vec::new();
         }
         let mut entries = raw.entries;
         entries.sort_by_key(|e| e.span.start);
@@ -415,81 +464,57 @@ impl Checker<'_> {
             },
         )];
         let mut out = Vec::new();
-        let mut complete = true;
         for entry in entries {
             self.check_name(&entry.name, "listener");
-            let Named { name, value, .. } = entry;
-            let Some(raw) = value else {
-                complete = false;
-                continue;
-            };
-            let name = name.into_inner();
+            let Some(raw) = entry.value else { continue };
+            let name = entry.name.into_inner();
             let path = format!("listeners.{}", key_segment(&name));
-            let bind = match parse_bind(raw.bind.get_ref()) {
-                Ok(addr) => {
-                    if let Some(other) = taken
-                        .iter()
-                        .find_map(|(a, who)| clash(*a, addr).then_some(who))
-                    {
-                        let message = format!(
-                            "{path}.bind {addr} clashes with {other}: {}",
-                            clash_reason(addr)
-                        );
-                        self.report(raw.bind.span(), message);
-                    }
-                    taken.push((addr, format!("{path}.bind")));
-                    Some(addr)
-                }
-                Err(e) => {
-                    self.report(
-                        raw.bind.span(),
-                        format!(
-                            "invalid address {:?} for {path}.bind: {e}",
-                            raw.bind.get_ref()
-                        ),
+            let bind = self.parse(&raw.bind, "address", &format!("for {path}.bind"), |b| {
+                parse_bind(b)
+            });
+            if let Some(addr) = bind {
+                if let Some(other) = taken
+                    .iter()
+                    .find_map(|(a, who)| clash(*a, addr).then_some(who))
+                {
+                    let message = format!(
+                        "{path}.bind {addr} clashes with {other}: {}",
+                        clash_reason(addr)
                     );
-                    None
+                    self.report(raw.bind.span(), message);
                 }
-            };
+                taken.push((addr, format!("{path}.bind")));
+            }
             let tls = match raw.tls {
                 Some(tls) => self.listener_tls(tls, &path).map(Some),
                 None => Some(None),
             };
-            match (bind, tls) {
-                (Some(bind), Some(tls)) => out.push(ListenerConfig {
+            if let (Some(bind), Some(tls)) = (bind, tls) {
+                out.push(ListenerConfig {
                     name,
                     bind,
                     http2: raw.http2.unwrap_or(defaults::LISTENER_HTTP2),
                     tls,
-                }),
-                _ => complete = false,
+                });
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        complete.then_some(out)
+        out
     }
 
     fn listener_tls(&mut self, raw: RawTls, path: &str) -> Option<TlsConfig> {
         let tls_path = format!("{path}.tls");
         let default = self.cert_key(&raw.cert, &raw.key, &tls_path);
         let mut sni = Vec::new();
-        let mut complete = default.is_some();
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, entry) in raw.sni.unwrap_or_default().into_iter().enumerate() {
             let entry_path = format!("{tls_path}.sni[{i}]");
-            let server_name = match parse_sni_name(entry.server_name.get_ref()) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    self.report(
-                        entry.server_name.span(),
-                        format!(
-                            "invalid server_name {:?} in {entry_path}: {e}",
-                            entry.server_name.get_ref()
-                        ),
-                    );
-                    None
-                }
-            };
+            let server_name = self.parse(
+                &entry.server_name,
+                "server_name",
+                &format!("in {entry_path}"),
+                |n| parse_sni_name(n),
+            );
             if let Some(n) = &server_name {
                 if let Some(first) = seen.get(n) {
                     self.report(
@@ -503,13 +528,14 @@ impl Checker<'_> {
                 }
             }
             let cert = self.cert_key(&entry.cert, &entry.key, &entry_path);
-            match (server_name, cert) {
-                (Some(server_name), Some(cert)) => sni.push(SniCert { server_name, cert }),
-                _ => complete = false,
+            if let (Some(server_name), Some(cert)) = (server_name, cert) {
+                sni.push(SniCert { server_name, cert });
             }
         }
-        let default = default?;
-        complete.then_some(TlsConfig { default, sni })
+        Some(TlsConfig {
+            default: default?,
+            sni,
+        })
     }
 
     /// Loads a certificate chain and its key and checks that they belong together.
@@ -524,49 +550,44 @@ impl Checker<'_> {
         let chain = self.certificates(cert, &format!("{path}.cert"));
         let private_key = self.private_key(key, &format!("{path}.key"));
         let (chain, private_key) = (chain?, private_key?);
-        match rustls::sign::CertifiedKey::from_der(
+        let problem = match rustls::sign::CertifiedKey::from_der(
             chain.clone(),
             private_key.clone_key(),
             &self.provider,
         ) {
-            Ok(_) => Some(CertKey {
-                cert_path,
-                key_path,
-                chain,
-                key: private_key,
-            }),
-            Err(rustls::Error::InconsistentKeys(_)) => {
-                self.report(
-                    key.span(),
-                    format!(
-                        "private key {:?} does not match certificate {:?} ({path}): the key must be the one the certificate was issued for",
-                        key.get_ref(),
-                        cert.get_ref()
-                    ),
-                );
-                None
+            Ok(_) => {
+                return Some(CertKey {
+                    cert_path,
+                    key_path,
+                    chain,
+                    key: private_key,
+                })
             }
-            Err(rustls::Error::InvalidCertificate(e)) => {
-                self.report(
-                    cert.span(),
-                    format!(
-                        "certificate {:?} for {path}.cert cannot be used: {e}",
-                        cert.get_ref()
-                    ),
-                );
-                None
-            }
-            Err(e) => {
-                self.report(
-                    key.span(),
-                    format!(
-                        "private key {:?} for {path}.key cannot be used: {e} (supported: RSA, ECDSA P-256/P-384, Ed25519)",
-                        key.get_ref()
-                    ),
-                );
-                None
-            }
-        }
+            Err(rustls::Error::InconsistentKeys(_)) => (
+                key.span(),
+                format!(
+                    "private key {:?} does not match certificate {:?} ({path}): the key must be the one the certificate was issued for",
+                    key.get_ref(),
+                    cert.get_ref()
+                ),
+            ),
+            Err(rustls::Error::InvalidCertificate(e)) => (
+                cert.span(),
+                format!(
+                    "certificate {:?} for {path}.cert cannot be used: {e}",
+                    cert.get_ref()
+                ),
+            ),
+            Err(e) => (
+                key.span(),
+                format!(
+                    "private key {:?} for {path}.key cannot be used: {e} (supported: RSA, ECDSA P-256/P-384, Ed25519)",
+                    key.get_ref()
+                ),
+            ),
+        };
+        self.report(problem.0, problem.1);
+        None
     }
 
     /// A relative path from the config is relative to the config file's folder.
@@ -605,35 +626,27 @@ impl Checker<'_> {
     ) -> Option<Vec<CertificateDer<'static>>> {
         let bytes = self.read_file(value, "certificate", key)?;
         let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
-        match chain {
-            Ok(chain) if chain.is_empty() => {
+        let message = match chain {
+            Ok(chain) if !chain.is_empty() => return Some(chain),
+            Ok(_) => {
                 let swapped = if PrivateKeyDer::from_pem_slice(&bytes).is_ok() {
                     " (it holds a private key: are cert and key swapped?)"
                 } else {
                     ""
                 };
-                self.report(
-                    value.span(),
-                    format!(
-                        "no certificate found in {:?} for {key}{swapped}: expected PEM blocks \"-----BEGIN CERTIFICATE-----\"",
-                        value.get_ref()
-                    ),
-                );
-                None
+                format!(
+                    "no certificate found in {:?} for {key}{swapped}: expected PEM blocks \"-----BEGIN CERTIFICATE-----\"",
+                    value.get_ref()
+                )
             }
-            Ok(chain) => Some(chain),
-            Err(e) => {
-                self.report(
-                    value.span(),
-                    format!(
-                        "invalid PEM in {:?} for {key}: {}",
-                        value.get_ref(),
-                        pem_error(&e)
-                    ),
-                );
-                None
-            }
-        }
+            Err(e) => format!(
+                "invalid PEM in {:?} for {key}: {}",
+                value.get_ref(),
+                pem_error(&e)
+            ),
+        };
+        self.report(value.span(), message);
+        None
     }
 
     fn private_key(
@@ -642,30 +655,20 @@ impl Checker<'_> {
         key: &str,
     ) -> Option<PrivateKeyDer<'static>> {
         let bytes = self.read_file(value, "private key", key)?;
-        match PrivateKeyDer::from_pem_slice(&bytes) {
-            Ok(k) => Some(k),
-            Err(pem::Error::NoItemsFound) => {
-                self.report(
-                    value.span(),
-                    format!(
-                        "no private key found in {:?} for {key}: expected a PEM block \"-----BEGIN PRIVATE KEY-----\" (PKCS#8), \"-----BEGIN RSA PRIVATE KEY-----\" (PKCS#1) or \"-----BEGIN EC PRIVATE KEY-----\" (SEC1)",
-                        value.get_ref()
-                    ),
-                );
-                None
-            }
-            Err(e) => {
-                self.report(
-                    value.span(),
-                    format!(
-                        "invalid PEM in {:?} for {key}: {}",
-                        value.get_ref(),
-                        pem_error(&e)
-                    ),
-                );
-                None
-            }
-        }
+        let message = match PrivateKeyDer::from_pem_slice(&bytes) {
+            Ok(k) => return Some(k),
+            Err(pem::Error::NoItemsFound) => format!(
+                "no private key found in {:?} for {key}: expected a PEM block \"-----BEGIN PRIVATE KEY-----\" (PKCS#8), \"-----BEGIN RSA PRIVATE KEY-----\" (PKCS#1) or \"-----BEGIN EC PRIVATE KEY-----\" (SEC1)",
+                value.get_ref()
+            ),
+            Err(e) => format!(
+                "invalid PEM in {:?} for {key}: {}",
+                value.get_ref(),
+                pem_error(&e)
+            ),
+        };
+        self.report(value.span(), message);
+        None
     }
 
     // ----- [upstreams] -----
@@ -677,9 +680,10 @@ impl Checker<'_> {
             self.check_name(&entry.name, "upstream");
             let name = entry.name.into_inner();
             checked.names.insert(name.clone());
-            let Some(raw) = entry.value else { continue };
-            if let Some(upstream) = self.upstream(name, raw) {
-                checked.configs.push(upstream);
+            if let Some(raw) = entry.value {
+                if let Some(upstream) = self.upstream(name, raw) {
+                    checked.configs.push(upstream);
+                }
             }
         }
         checked.configs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -688,126 +692,76 @@ impl Checker<'_> {
 
     fn upstream(&mut self, name: String, raw: RawUpstream) -> Option<UpstreamConfig> {
         let path = format!("upstreams.{}", key_segment(&name));
-        let mut ok = true;
         let mut servers: Vec<ServerAddr> = Vec::new();
         if raw.servers.get_ref().is_empty() {
             self.report(
                 raw.servers.span(),
                 format!(r#"{path}.servers is empty: list at least one "host:port", e.g. servers = ["127.0.0.1:9001"]"#),
             );
-            ok = false;
         }
         for server in raw.servers.get_ref() {
-            match parse_server(server.get_ref()) {
-                Ok(addr) if servers.contains(&addr) => {
-                    self.report(
-                        server.span(),
-                        format!("server {addr} is listed twice in {path}.servers"),
-                    );
-                    ok = false;
-                }
-                Ok(addr) => servers.push(addr),
-                Err(e) => {
-                    self.report(
-                        server.span(),
-                        format!(
-                            "invalid server {:?} in {path}.servers: {e}",
-                            server.get_ref()
-                        ),
-                    );
-                    ok = false;
-                }
+            let place = format!("in {path}.servers");
+            match self.parse(server, "server", &place, |s| parse_server(s)) {
+                Some(addr) if servers.contains(&addr) => self.report(
+                    server.span(),
+                    format!("server {addr} is listed twice in {path}.servers"),
+                ),
+                Some(addr) => servers.push(addr),
+                None => {}
             }
         }
-        let balance = match raw.balance {
-            None => defaults::BALANCE,
-            Some(b) => match parse_balance(b.get_ref()) {
-                Ok(balance) => balance,
-                Err(e) => {
-                    self.report(
-                        b.span(),
-                        format!("invalid balance {:?} for {path}.balance: {e}", b.get_ref()),
-                    );
-                    ok = false;
-                    defaults::BALANCE
-                }
-            },
-        };
+        let balance = raw.balance.and_then(|b| {
+            self.parse(&b, "balance", &format!("for {path}.balance"), |b| {
+                parse_balance(b)
+            })
+        });
+        let host_header = raw.host_header.and_then(|h| {
+            self.parse(&h, "host_header", &format!("for {path}.host_header"), |h| {
+                parse_host_header(h)
+            })
+        });
         let tls = match raw.tls {
-            None => Some(None),
-            Some(tls) => self.upstream_tls(tls, &path),
+            None => None,
+            Some(tls) => self.upstream_tls(tls, &path)?,
         };
-        let health = match raw.health {
-            None => Some(None),
-            Some(h) => self.health(h, &path),
-        };
-        let host_header = match raw.host_header {
-            None => defaults::HOST_HEADER,
-            Some(h) => match parse_host_header(h.get_ref()) {
-                Ok(host_header) => host_header,
-                Err(e) => {
-                    self.report(
-                        h.span(),
-                        format!(
-                            "invalid host_header {:?} for {path}.host_header: {e}",
-                            h.get_ref()
-                        ),
-                    );
-                    ok = false;
-                    defaults::HOST_HEADER
-                }
-            },
-        };
-        let (tls, health) = (tls?, health?);
-        ok.then_some(UpstreamConfig {
+        let health = raw.health.map(|h| self.health(h, &path));
+        Some(UpstreamConfig {
             name,
             servers,
-            balance,
+            balance: balance.unwrap_or(defaults::BALANCE),
             tls,
             health,
-            host_header,
+            host_header: host_header.unwrap_or(defaults::HOST_HEADER),
         })
     }
 
-    /// `Some(None)` for a valid table with `enabled = false`; `None` after a problem.
+    /// `Some(None)` for a valid table with `enabled = false`; `None` when the CA did not load.
     fn upstream_tls(&mut self, raw: RawUpstreamTls, path: &str) -> Option<Option<UpstreamTls>> {
-        let mut ok = true;
         let ca = match &raw.ca {
-            Some(ca) => self.certificates(ca, &format!("{path}.tls.ca")),
-            None => Some(Vec::new()),
+            Some(ca) => self.certificates(ca, &format!("{path}.tls.ca"))?,
+            None => Vec::new(),
         };
-        let server_name = match &raw.server_name {
-            None => None,
-            Some(n) => match ServerName::try_from(n.get_ref().as_str()) {
-                Ok(_) if !n.get_ref().is_empty() => Some(n.get_ref().to_ascii_lowercase()),
-                _ => {
-                    self.report(
-                        n.span(),
-                        format!(
-                            "invalid {path}.tls.server_name {:?}: expected a DNS name or IP address, e.g. \"chat.internal\"",
-                            n.get_ref()
-                        ),
-                    );
-                    ok = false;
-                    None
+        let mut server_name = None;
+        if let Some(n) = &raw.server_name {
+            match ServerName::try_from(n.get_ref().as_str()) {
+                Ok(_) if !n.get_ref().is_empty() => {
+                    server_name = Some(n.get_ref().to_ascii_lowercase())
                 }
-            },
-        };
-        let ca = ca?;
-        if !ok {
-            return None;
+                _ => self.report(
+                    n.span(),
+                    format!(
+                        "invalid {path}.tls.server_name {:?}: expected a DNS name or IP address, e.g. \"chat.internal\"",
+                        n.get_ref()
+                    ),
+                ),
+            }
         }
-        if raw.enabled.unwrap_or(defaults::UPSTREAM_TLS_ENABLED) {
-            Some(Some(UpstreamTls { ca, server_name }))
-        } else {
-            Some(None)
-        }
+        let enabled = raw.enabled.unwrap_or(defaults::UPSTREAM_TLS_ENABLED);
+        Some(enabled.then_some(UpstreamTls { ca, server_name }))
     }
 
-    /// `Some(Some(check))` when valid, `None` after a problem.
-    fn health(&mut self, raw: RawHealth, path: &str) -> Option<Option<HealthCheck>> {
+    fn health(&mut self, raw: RawHealth, path: &str) -> HealthCheck {
         let path = format!("{path}.health");
-        let start = self.problems.len();
         let mut check = HealthCheck {
             path: defaults::HEALTH_PATH.to_string(),
             interval: defaults::HEALTH_INTERVAL,
@@ -833,18 +787,23 @@ impl Checker<'_> {
         if let Some(v) = raw.timeout {
             check.timeout = self.positive_duration(&v, &format!("{path}.timeout"), check.timeout);
         }
-        let max = i64::from(u32::MAX);
-        if let Some(v) = raw.unhealthy_after {
-            if let Some(n) = self.count(&v, &format!("{path}.unhealthy_after"), 1, max) {
-                check.unhealthy_after = u32::try_from(n).unwrap_or(u32::MAX);
+        let thresholds = [
+            (
+                raw.unhealthy_after,
+                &mut check.unhealthy_after,
+                "unhealthy_after",
+            ),
+            (raw.healthy_after, &mut check.healthy_after, "healthy_after"),
+        ];
+        for (value, slot, name) in thresholds {
+            if let Some(v) = value {
+                let key = format!("{path}.{name}");
+                if let Some(n) = self.count(&v, &key, 1, i64::from(u32::MAX)) {
+                    *slot = u32::try_from(n).unwrap_or(u32::MAX);
+                }
             }
         }
-        if let Some(v) = raw.healthy_after {
-            if let Some(n) = self.count(&v, &format!("{path}.healthy_after"), 1, max) {
-                check.healthy_after = u32::try_from(n).unwrap_or(u32::MAX);
-            }
-        }
-        (self.problems.len() == start).then_some(Some(check))
+        check
     }
 
     // ----- [routes] -----
@@ -854,34 +813,31 @@ impl Checker<'_> {
         raw: Option<NamedTables<RawRoute>>,
         upstreams: &CheckedUpstreams,
         global: Timeouts,
-    ) -> Option<Vec<RouteConfig>> {
+    ) -> Vec<RouteConfig> {
         let Some(raw) = raw else {
             self.problems.push(Problem::whole_file(
                 r#"no routes: add at least one, e.g. [routes.app] with path = "/" and upstream = "app" (or builtin = "echo")"#,
             ));
-            return None;
+            return Vec::new();
         };
         if raw.entries.is_empty() {
             self.report(
                 raw.span,
                 r#"[routes] is empty: add at least one, e.g. [routes.app] with path = "/" and upstream = "app""#,
             );
-            return None;
+            return Vec::new();
         }
         let mut entries = raw.entries;
         entries.sort_by_key(|e| e.span.start);
         let mut out = Vec::new();
-        let mut complete = true;
         // (host, path) -> name of the first route that claimed it.
         let mut claimed: HashMap<(HostMatch, String), String> = HashMap::new();
         for entry in entries {
             self.check_name(&entry.name, "route");
             let name = entry.name.into_inner();
-            let Some(raw) = entry.value else {
-                complete = false;
-                continue;
-            };
-            let (route, claim) = self.route(&name, raw, entry.span, upstreams, global);
+            let Some(raw) = entry.value else { continue };
+            let path_key = format!("routes.{}", key_segment(&name));
+            let (place, claim) = self.route_place(&raw, entry.span.clone(), &path_key);
             if let Some((host, path, blame)) = claim {
                 let label = format!("{} and path {path:?}", host_label(&host));
                 match claimed.get(&(host.clone(), path.clone())) {
@@ -896,65 +852,71 @@ impl Checker<'_> {
                     }
                 }
             }
-            match route {
-                Some(route) => out.push(route),
-                None => complete = false,
+            let target = self.route_target(&raw, entry.span, &path_key, upstreams);
+            let allowed_origins = self.allowed_origins(&raw, &path_key);
+            let timeouts = match &raw.timeouts {
+                Some(t) => self.timeouts_over(global, t, &format!("{path_key}.timeouts")),
+                None => global,
+            };
+            if let Some(target) = target {
+                out.push(RouteConfig {
+                    name,
+                    host: place.0,
+                    path: place.1,
+                    target,
+                    allowed_origins,
+                    strip_prefix: raw.strip_prefix.unwrap_or(defaults::ROUTE_STRIP_PREFIX),
+                    timeouts,
+                });
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        complete.then_some(out)
+        out
     }
 
-    /// One route (`None` after a problem), and the host + path it claims with the span to
-    /// blame if another route claimed them first (`None` when host or path is invalid).
-    fn route(
+    /// A route's host and path, and its claim on them with the span to blame if another
+    /// route claimed them first (`None` when the host or path is invalid).
+    fn route_place(
         &mut self,
-        name: &str,
-        raw: RawRoute,
+        raw: &RawRoute,
         table_span: Range<usize>,
+        path_key: &str,
+    ) -> ((HostMatch, String), Option<Claim>) {
+        let mark = self.mark();
+        let host = raw.host.as_ref().and_then(|h| {
+            self.parse(h, "host", &format!("for {path_key}.host"), |h| {
+                parse_host(h)
+            })
+        });
+        let path = raw.path.as_ref().and_then(|p| {
+            self.parse(p, "path", &format!("for {path_key}.path"), |p| {
+                normalize_path(p)
+            })
+        });
+        // The path is what a clash is about; without one, the host; without both, the table.
+        let blame = match (&raw.path, &raw.host) {
+            (Some(p), _) => p.span(),
+            (None, Some(h)) => h.span(),
+            (None, None) => table_span,
+        };
+        let place = (
+            host.unwrap_or(HostMatch::Any),
+            path.unwrap_or_else(|| defaults::ROUTE_PATH.to_string()),
+        );
+        let claim = self
+            .clean_since(mark)
+            .then(|| (place.0.clone(), place.1.clone(), blame));
+        (place, claim)
+    }
+
+    fn route_target(
+        &mut self,
+        raw: &RawRoute,
+        table_span: Range<usize>,
+        path_key: &str,
         upstreams: &CheckedUpstreams,
-        global: Timeouts,
-    ) -> (Option<RouteConfig>, Option<Claim>) {
-        let path_key = format!("routes.{}", key_segment(name));
-        let mut blame = table_span.clone();
-        let mut place_ok = true;
-        let host = match &raw.host {
-            None => HostMatch::Any,
-            Some(h) => match parse_host(h.get_ref()) {
-                Ok(host) => host,
-                Err(e) => {
-                    place_ok = false;
-                    self.report(
-                        h.span(),
-                        format!("invalid host {:?} for {path_key}.host: {e}", h.get_ref()),
-                    );
-                    HostMatch::Any
-                }
-            },
-        };
-        let path = match &raw.path {
-            None => defaults::ROUTE_PATH.to_string(),
-            Some(p) => {
-                blame = p.span();
-                match normalize_path(p.get_ref()) {
-                    Ok(path) => path,
-                    Err(e) => {
-                        place_ok = false;
-                        self.report(
-                            p.span(),
-                            format!("invalid path {:?} for {path_key}.path: {e}", p.get_ref()),
-                        );
-                        defaults::ROUTE_PATH.to_string()
-                    }
-                }
-            }
-        };
-        if raw.path.is_none() {
-            if let Some(h) = &raw.host {
-                blame = h.span();
-            }
-        }
-        let target = match (&raw.upstream, &raw.builtin) {
+    ) -> Option<RouteTarget> {
+        match (&raw.upstream, &raw.builtin) {
             (Some(_), Some(b)) => {
                 self.report(
                     b.span(),
@@ -969,89 +931,58 @@ impl Checker<'_> {
                 );
                 None
             }
+            (Some(u), None) if upstreams.names.contains(u.get_ref()) => {
+                Some(RouteTarget::Upstream(u.get_ref().clone()))
+            }
             (Some(u), None) => {
-                let wanted = u.get_ref();
-                if upstreams.names.contains(wanted) {
-                    Some(RouteTarget::Upstream(wanted.clone()))
+                let known = if upstreams.names.is_empty() {
+                    "no upstreams are defined; add an [upstreams.NAME] table".to_string()
                 } else {
-                    let known = if upstreams.names.is_empty() {
-                        "no upstreams are defined; add an [upstreams.NAME] table".to_string()
-                    } else {
-                        format!(
-                            "known upstreams: {}",
-                            upstreams
-                                .names
-                                .iter()
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    };
-                    self.report(
-                        u.span(),
-                        format!("unknown upstream `{wanted}` for {path_key}.upstream; {known}"),
-                    );
-                    None
-                }
-            }
-            (None, Some(b)) => {
-                match b.get_ref().as_str() {
-                    "echo" => Some(RouteTarget::Builtin(Builtin::Echo)),
-                    other => {
-                        self.report(
-                        b.span(),
-                        format!(r#"unknown builtin {other:?} for {path_key}.builtin: expected "echo""#),
-                    );
-                        None
-                    }
-                }
-            }
-        };
-        let allowed_origins = match &raw.allowed_origins {
-            None => None,
-            Some(list) if list.get_ref().is_empty() => {
+                    let names: Vec<_> = upstreams.names.iter().map(String::as_str).collect();
+                    format!("known upstreams: {}", names.join(", "))
+                };
                 self.report(
-                    list.span(),
-                    format!("{path_key}.allowed_origins is empty, which would refuse every browser; list the allowed origins, or remove the key to allow any origin"),
+                    u.span(),
+                    format!(
+                        "unknown upstream `{}` for {path_key}.upstream; {known}",
+                        u.get_ref()
+                    ),
                 );
                 None
             }
-            Some(list) => {
-                let mut origins = Vec::new();
-                for origin in list.get_ref() {
-                    match normalize_origin(origin.get_ref()) {
-                        Ok(o) => {
-                            if !origins.contains(&o) {
-                                origins.push(o);
-                            }
-                        }
-                        Err(e) => self.report(
-                            origin.span(),
-                            format!(
-                                "invalid origin {:?} in {path_key}.allowed_origins: {e}",
-                                origin.get_ref()
-                            ),
-                        ),
-                    }
-                }
-                Some(origins)
+            (None, Some(b)) if b.get_ref() == "echo" => Some(RouteTarget::Builtin(Builtin::Echo)),
+            (None, Some(b)) => {
+                self.report(
+                    b.span(),
+                    format!(
+                        r#"unknown builtin {:?} for {path_key}.builtin: expected "echo""#,
+                        b.get_ref()
+                    ),
+                );
+                None
             }
-        };
-        let timeouts = match &raw.timeouts {
-            Some(t) => self.timeouts_over(global, t, &format!("{path_key}.timeouts")),
-            None => global,
-        };
-        let claim = place_ok.then(|| (host.clone(), path.clone(), blame));
-        let route = target.map(|target| RouteConfig {
-            name: name.to_string(),
-            host,
-            path,
-            target,
-            allowed_origins,
-            strip_prefix: raw.strip_prefix.unwrap_or(defaults::ROUTE_STRIP_PREFIX),
-            timeouts,
-        });
-        (route, claim)
+        }
+    }
+
+    fn allowed_origins(&mut self, raw: &RawRoute, path_key: &str) -> Option<Vec<String>> {
+        let list = raw.allowed_origins.as_ref()?;
+        if list.get_ref().is_empty() {
+            self.report(
+                list.span(),
+                format!("{path_key}.allowed_origins is empty, which would refuse every browser; list the allowed origins, or remove the key to allow any origin"),
+            );
+            return None;
+        }
+        let place = format!("in {path_key}.allowed_origins");
+        let mut origins = Vec::new();
+        for origin in list.get_ref() {
+            if let Some(o) = self.parse(origin, "origin", &place, |o| normalize_origin(o)) {
+                if !origins.contains(&o) {
+                    origins.push(o);
+                }
+            }
+        }
+        Some(origins)
     }
 
     /// Names are metric labels and appear in logs: keep them plain.
@@ -1099,340 +1030,9 @@ fn host_label(host: &HostMatch) -> String {
     }
 }
 
-/// True when two listeners cannot both bind: the same address, or the same port with one of
-/// them on the wildcard address of the same family. Port 0 (pick any free port) never clashes.
-fn clash(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.port() != b.port() || a.port() == 0 {
-        return false;
-    }
-    a.ip() == b.ip()
-        || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
-}
-
-fn clash_reason(addr: SocketAddr) -> &'static str {
-    if addr.ip().is_unspecified() {
-        "a wildcard address covers every address of its family on that port; use another port"
-    } else {
-        "two listeners cannot bind the same address and port; use another port or address"
-    }
-}
-
-fn pem_error(e: &pem::Error) -> String {
-    match e {
-        pem::Error::MissingSectionEnd { end_marker } => format!(
-            "a PEM block is not closed (missing {:?})",
-            String::from_utf8_lossy(end_marker)
-        ),
-        pem::Error::IllegalSectionStart { line } => {
-            format!("malformed BEGIN line {:?}", String::from_utf8_lossy(line))
-        }
-        pem::Error::Base64Decode(e) => format!("bad base64 inside a PEM block ({e})"),
-        other => other.to_string(),
-    }
-}
-
-fn check_log_level(level: &str) -> Result<(), String> {
-    let hint = r#"expected one of trace, debug, info, warn, error, off, or EnvFilter directives such as "wsgate=debug,info""#;
-    if level.trim().is_empty() {
-        return Err(format!("empty; {hint}"));
-    }
-    let is_directive = level.contains(['=', ',', '[']);
-    if !is_directive && !LOG_LEVEL_NAMES.contains(&level.to_ascii_lowercase().as_str()) {
-        return Err(format!("unknown level; {hint}"));
-    }
-    tracing_subscriber::EnvFilter::try_new(level)
-        .map(|_| ())
-        .map_err(|e| format!("{e}; {hint}"))
-}
-
-/// `IP:port` for a socket to bind.
-pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>().map_err(|_| {
-        let host_name = s
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && h.parse::<IpAddr>().is_err() && p.parse::<u16>().is_ok() && !h.starts_with('['));
-        if host_name {
-            r#"expected an IP address and port, not a host name, e.g. "127.0.0.1:8080" or "0.0.0.0:8080""#
-                .to_string()
-        } else {
-            r#"expected IP:port, e.g. "0.0.0.0:8080" or "[::]:8443""#.to_string()
-        }
-    })
-}
-
-/// `host:port` of an upstream server. IPv6 literals go in brackets: `[::1]:9000`.
-pub fn parse_server(s: &str) -> Result<ServerAddr, String> {
-    const EXAMPLE: &str =
-        r#"expected host:port, e.g. "127.0.0.1:9001", "app.internal:9001" or "[::1]:9001""#;
-    if s.contains("://") {
-        return Err(format!("no scheme here; {EXAMPLE}"));
-    }
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (inner, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("unclosed '['; {EXAMPLE}"))?;
-        let ip: Ipv6Addr = inner
-            .parse()
-            .map_err(|_| format!("{inner:?} is not an IPv6 address; {EXAMPLE}"))?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or_else(|| format!("missing port; {EXAMPLE}"))?;
-        (ip.to_string(), port)
-    } else {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("missing port; {EXAMPLE}"))?;
-        if host.contains(':') {
-            return Err(format!(
-                "IPv6 addresses need brackets, e.g. \"[{host}]:{port}\""
-            ));
-        }
-        if host.is_empty() {
-            return Err(format!("missing host; {EXAMPLE}"));
-        }
-        check_dns_name(host).map_err(|e| format!("bad host {host:?}: {e}; {EXAMPLE}"))?;
-        (host.to_ascii_lowercase(), port)
-    };
-    let port: u16 = match port.parse() {
-        Ok(p) if p > 0 => p,
-        _ => return Err(format!("invalid port {port:?}: expected 1 to 65535")),
-    };
-    Ok(ServerAddr { host, port })
-}
-
-/// `round_robin`, `least_conn`, `ip_hash`, `header:NAME` or `cookie:NAME`.
-/// `"preserve"`, `"upstream"`, or a literal `host[:port]`.
-pub fn parse_host_header(s: &str) -> Result<HostHeader, String> {
-    match s {
-        "preserve" => Ok(HostHeader::Preserve),
-        "upstream" => Ok(HostHeader::Upstream),
-        _ if super::units::is_valid_host(s) => Ok(HostHeader::Literal(s.to_owned())),
-        _ => Err(r#"expected "preserve", "upstream" or a host name with an optional port, e.g. "chat.internal:8080""#.to_owned()),
-    }
-}
-
-pub fn parse_balance(s: &str) -> Result<Balance, String> {
-    const VALID: &str =
-        r#"expected one of round_robin, least_conn, ip_hash, "header:NAME", "cookie:NAME""#;
-    match s {
-        "round_robin" => return Ok(Balance::RoundRobin),
-        "least_conn" => return Ok(Balance::LeastConn),
-        "ip_hash" => return Ok(Balance::IpHash),
-        _ => {}
-    }
-    if let Some(name) = s.strip_prefix("header:") {
-        return if is_token(name) {
-            Ok(Balance::Header(name.to_ascii_lowercase()))
-        } else {
-            Err(format!(
-                "{name:?} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only), e.g. \"header:X-User-Id\""
-            ))
-        };
-    }
-    if let Some(name) = s.strip_prefix("cookie:") {
-        return if is_token(name) {
-            Ok(Balance::Cookie(name.to_string()))
-        } else {
-            Err(format!(
-                "{name:?} is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~ only), e.g. \"cookie:io\""
-            ))
-        };
-    }
-    let fixed = s.replace('-', "_").to_ascii_lowercase();
-    if fixed != s && ["round_robin", "least_conn", "ip_hash"].contains(&fixed.as_str()) {
-        return Err(format!("did you mean {fixed:?}? {VALID}"));
-    }
-    Err(VALID.to_string())
-}
-
-/// An RFC 9110 token: what header and cookie names are made of.
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
-}
-
-/// A route's `host`: exact ("chat.example.com") or a leading wildcard ("*.example.com"),
-/// lower-cased, without port.
-pub fn parse_host(s: &str) -> Result<HostMatch, String> {
-    if s.is_empty() {
-        return Err("empty; omit `host` to match any host".to_string());
-    }
-    if s.contains("://") || s.contains('/') {
-        return Err(
-            r#"just the host name, without scheme or path, e.g. "chat.example.com""#.to_string(),
-        );
-    }
-    let lower = s.to_ascii_lowercase();
-    if lower == "*" {
-        return Err("omit `host` to match any host".to_string());
-    }
-    if let Some(inner) = lower.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return match inner.parse::<Ipv6Addr>() {
-            Ok(_) => Ok(HostMatch::Exact(lower)),
-            Err(_) => Err(format!("{inner:?} is not an IPv6 address")),
-        };
-    }
-    if lower.contains(':') {
-        return Err(
-            r#"no port here: a route matches the host on every listener, e.g. "chat.example.com""#
-                .to_string(),
-        );
-    }
-    if let Some(suffix) = lower.strip_prefix("*.") {
-        if suffix.contains('*') {
-            return Err(
-                r#"only one leading "*." wildcard is allowed, e.g. "*.example.com""#.to_string(),
-            );
-        }
-        check_dns_name(suffix)?;
-        return Ok(HostMatch::WildcardSuffix(format!(".{suffix}")));
-    }
-    if lower.contains('*') {
-        return Err(r#"only a leading "*." wildcard is allowed, e.g. "*.example.com""#.to_string());
-    }
-    check_dns_name(&lower)?;
-    Ok(HostMatch::Exact(lower))
-}
-
-/// A name for `sni`: an exact DNS name, lower-cased.
-fn parse_sni_name(s: &str) -> Result<String, String> {
-    if s.contains('*') {
-        return Err(
-            "exact names only; the certificate for anything else is the default `cert`".to_string(),
-        );
-    }
-    if s.parse::<IpAddr>().is_ok() {
-        return Err("SNI carries DNS names, not IP addresses".to_string());
-    }
-    let lower = s.to_ascii_lowercase();
-    check_dns_name(&lower)?;
-    Ok(lower)
-}
-
-/// Letters, digits, '-' and '_' in dot-separated labels of 1-63 characters, 253 at most.
-fn check_dns_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 253 {
-        return Err("a host name has 1 to 253 characters".to_string());
-    }
-    for label in s.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(
-                "each dot-separated part of a host name has 1 to 63 characters".to_string(),
-            );
-        }
-        if !label
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err("a host name has letters, digits, '-' and '_' only".to_string());
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err("a part of a host name cannot start or end with '-'".to_string());
-        }
-    }
-    Ok(())
-}
-
-/// A route's `path`: starts with '/', no trailing '/' (except "/" itself), no empty, "." or
-/// ".." segments, no query or fragment.
-pub fn normalize_path(s: &str) -> Result<String, String> {
-    if !s.starts_with('/') {
-        return Err(format!(
-            r#"must start with '/', e.g. "/{}""#,
-            s.trim_start_matches('/')
-        ));
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| matches!(c, '?' | '#') || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!(
-            "{c:?} is not allowed: a route path is a plain prefix, without query or fragment"
-        ));
-    }
-    let trimmed = s.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Ok("/".to_string());
-    }
-    for segment in trimmed.split('/').skip(1) {
-        if segment.is_empty() || segment == "." || segment == ".." {
-            return Err(
-                r#"empty, "." and ".." segments are not allowed, e.g. "/chat/ws""#.to_string(),
-            );
-        }
-    }
-    Ok(trimmed.to_string())
-}
-
-/// An `allowed_origins` entry: `scheme://host[:port]`, lower-cased, default port dropped.
-pub fn normalize_origin(s: &str) -> Result<String, String> {
-    const EXAMPLE: &str = r#"expected scheme://host[:port], e.g. "https://chat.example.com""#;
-    let (scheme, rest) = s.split_once("://").ok_or_else(|| EXAMPLE.to_string())?;
-    let scheme = scheme.to_ascii_lowercase();
-    let scheme_ok = scheme
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    if !scheme_ok {
-        return Err(format!("bad scheme {scheme:?}; {EXAMPLE}"));
-    }
-    if rest.contains(['/', '?', '#']) {
-        return Err(format!(
-            "an origin has no path: write \"{scheme}://{}\"",
-            rest.split(['/', '?', '#']).next().unwrap_or("")
-        ));
-    }
-    if rest.contains('*') {
-        return Err(format!(
-            "wildcards are not supported; list each origin; {EXAMPLE}"
-        ));
-    }
-    if rest.contains('@') {
-        return Err(format!("an origin has no user info; {EXAMPLE}"));
-    }
-    let rest = rest.to_ascii_lowercase();
-    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
-        let (inner, after) = r.split_once(']').ok_or_else(|| EXAMPLE.to_string())?;
-        inner
-            .parse::<Ipv6Addr>()
-            .map_err(|_| format!("{inner:?} is not an IPv6 address; {EXAMPLE}"))?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(|| EXAMPLE.to_string())?),
-        };
-        (format!("[{inner}]"), port)
-    } else {
-        let (host, port) = match rest.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (rest.as_str(), None),
-        };
-        check_dns_name(host).map_err(|e| format!("bad host {host:?}: {e}; {EXAMPLE}"))?;
-        (host.to_string(), port)
-    };
-    let port = match port {
-        None => None,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => return Err(format!("invalid port {p:?}: expected 1 to 65535")),
-        },
-    };
-    let default_port = match scheme.as_str() {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        _ => None,
-    };
-    Ok(match port {
-        Some(p) if Some(p) != default_port => format!("{scheme}://{host}:{p}"),
-        _ => format!("{scheme}://{host}"),
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::{Balance, HostHeader};
     use super::*;
 
     /// A valid file of 9 lines; tests append tables from line 10 on.
