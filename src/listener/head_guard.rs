@@ -132,6 +132,8 @@ pub struct Scanner {
     header_lines: usize,
     /// Heads completed on this connection (the next one's number).
     heads_done: u32,
+    /// Offset in the slice being fed from which head bytes are not counted yet.
+    counted_from: usize,
     name: [u8; NAME_CAP],
     name_len: usize,
     /// The header whose value is being read is Content-Length.
@@ -148,6 +150,7 @@ impl Scanner {
             head_len: 0,
             header_lines: 0,
             heads_done: 0,
+            counted_from: 0,
             name: [0; NAME_CAP],
             name_len: 0,
             in_content_length: false,
@@ -189,6 +192,9 @@ impl Scanner {
         } else {
             Tail::Released
         };
+        // Head bytes are counted in bulk: at a head's end and at the end of the slice, which
+        // decides exactly as counting byte by byte would (nothing is released in between).
+        self.counted_from = 0;
         let mut i = 0;
         while i < bytes.len() {
             match self.state {
@@ -217,39 +223,30 @@ impl Scanner {
                 }
                 _ => {}
             }
-            let in_head = self.in_head();
             if self.only_line_end_matters() {
                 match bytes[i..].iter().position(|&b| b == b'\n') {
-                    Some(n) => {
-                        if in_head && self.count_head_bytes(n) {
-                            return tail;
-                        }
-                        i += n;
-                    }
-                    None => {
-                        if in_head {
-                            self.count_head_bytes(bytes.len() - i);
-                        }
-                        return tail;
-                    }
+                    Some(n) => i += n,
+                    None => break,
                 }
-            }
-            if in_head && self.count_head_bytes(1) {
-                return tail;
             }
             self.step(bytes[i], &mut tail, i + 1);
             i += 1;
         }
-        if self.state == State::Off {
-            Tail::Released
-        } else {
-            tail
+        match self.state {
+            State::Off => Tail::Released,
+            _ if self.in_head() => {
+                self.count_head_bytes(bytes.len());
+                tail
+            }
+            _ => tail,
         }
     }
 
-    /// Adds `n` bytes to the head; true (and refused) when that makes it too large.
-    fn count_head_bytes(&mut self, n: usize) -> bool {
-        self.head_len += n;
+    /// Counts the head's bytes of the slice up to offset `end`; true (and refused) when that
+    /// makes the head too large.
+    fn count_head_bytes(&mut self, end: usize) -> bool {
+        self.head_len += end - self.counted_from;
+        self.counted_from = end;
         if self.head_len > self.limits.max_head {
             self.state = State::Refused(HeadRefusal::TooLarge {
                 limit: self.limits.max_head,
@@ -264,6 +261,7 @@ impl Scanner {
     fn start_head(&mut self, tail: &mut Tail, at: usize) {
         self.state = State::Idle;
         self.head_len = 0;
+        self.counted_from = at;
         self.header_lines = 0;
         *tail = Tail::HeadFrom(at);
     }
@@ -410,6 +408,9 @@ impl Scanner {
     }
 
     fn end_of_head(&mut self, tail: &mut Tail, next: usize) {
+        if self.count_head_bytes(next) {
+            return;
+        }
         self.heads_done = self.heads_done.wrapping_add(1);
         *tail = Tail::Released;
         let head = std::mem::take(&mut self.head);
@@ -466,8 +467,8 @@ pub struct HeadGuard<S> {
 }
 
 impl<S> HeadGuard<S> {
-    /// Guards `inner`; `ticket` is the connection's place among those waiting for a head,
-    /// taken at accept so TLS handshakes count too.
+    /// Guards `inner`; `ticket` is the connection's place among those waiting for a head, if
+    /// it took one already (at accept, so TLS handshakes count too).
     pub fn new(inner: S, settings: GuardSettings, ticket: Option<Ticket>) -> Self {
         HeadGuard {
             inner,
@@ -515,6 +516,13 @@ impl<S> HeadGuard<S> {
         self.update_ticket();
     }
 
+    /// Enters the table of connections waiting for a head, unless already there.
+    pub fn wait_in_line(&mut self) {
+        if self.ticket.is_none() && self.scanner.in_head() {
+            self.ticket = Some(self.pending.enter(self.max_pending));
+        }
+    }
+
     /// A connection waits for a head from its first byte (or, for its first head, from
     /// accept) until the head is complete.
     fn update_ticket(&mut self) {
@@ -551,7 +559,12 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
     /// buffers are allocated only then. An error means the client left (or was evicted)
     /// before finishing it.
     pub async fn first_head(&mut self) -> io::Result<()> {
-        std::future::poll_fn(|cx| loop {
+        std::future::poll_fn(|cx| self.poll_first_head(cx)).await
+    }
+
+    /// Poll form of [`HeadGuard::first_head`].
+    pub fn poll_first_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
             if self.head_ready() || !self.scanner.in_head() {
                 return Poll::Ready(if self.ended && self.delivered >= self.released {
                     Err(io::ErrorKind::UnexpectedEof.into())
@@ -560,8 +573,7 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
                 });
             }
             ready!(self.poll_fill(cx))?;
-        })
-        .await
+        }
     }
 
     /// Reads more of an incomplete head into `held`.
@@ -575,8 +587,9 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
                 )));
             }
         }
-        let mut chunk = [0u8; HEAD_READ_CHUNK];
-        let mut read = ReadBuf::new(&mut chunk);
+        // Uninitialised: zeroing 4 KiB for every read would cost more than the read's copy.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); HEAD_READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut chunk);
         ready!(Pin::new(&mut self.inner).poll_read(cx, &mut read))?;
         let got = read.filled();
         if got.is_empty() {

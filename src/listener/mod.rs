@@ -8,6 +8,7 @@ pub mod tls;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -101,15 +102,15 @@ pub async fn serve(
             pending: shared.pending_heads.clone(),
             max_pending: limits.max_pending_heads,
         };
-        // The connection waits for its first head from now on (a TLS handshake included).
-        let ticket = shared.pending_heads.enter(limits.max_pending_heads);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             match acceptor {
-                None => serve_http(stream, ticket, settings, shared, shutdown).await,
+                None => serve_http(stream, None, settings, shared, shutdown).await,
                 // Boxed: a plain connection's task must not carry a TLS handshake's state.
                 Some(acceptor) => {
+                    // Waiting for its first head from now on, the TLS handshake included.
+                    let ticket = shared.pending_heads.enter(settings.max_pending);
                     Box::pin(serve_tls(
                         stream, acceptor, ticket, settings, shared, shutdown,
                     ))
@@ -147,7 +148,7 @@ async fn serve_tls(
         }
     };
     match accepted {
-        Ok(Ok(tls)) => serve_http(tls, ticket, settings, shared, shutdown).await,
+        Ok(Ok(tls)) => serve_http(tls, Some(ticket), settings, shared, shutdown).await,
         Ok(Err(e)) => {
             shared.metrics.tls_handshake_error(&ctx.listener);
             debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "TLS handshake failed")
@@ -163,7 +164,7 @@ async fn serve_tls(
 /// first request head with nothing but the gate's buffer, then hands the connection to hyper.
 async fn serve_http<S>(
     stream: S,
-    ticket: Ticket,
+    ticket: Option<Ticket>,
     settings: GuardSettings,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -172,11 +173,20 @@ async fn serve_http<S>(
 {
     let ctx = settings.conn.clone();
     let client_header = shared.gateway.load().timeouts.client_header;
-    let mut guard = HeadGuard::new(stream, settings, Some(ticket));
-    let first = tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => return,
-        first = tokio::time::timeout(client_header, guard.first_head()) => first,
+    let mut guard = HeadGuard::new(stream, settings, ticket);
+    // Most heads are there by the time the task first runs: only a head still on its way
+    // needs the timer and the shutdown watch (each costs a registration).
+    let first = match std::future::poll_fn(|cx| Poll::Ready(guard.poll_first_head(cx))).await {
+        Poll::Ready(first) => Ok(first),
+        Poll::Pending => {
+            // Waiting now, so in the table of waiting connections (from accept on TLS).
+            guard.wait_in_line();
+            tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            first = tokio::time::timeout(client_header, guard.first_head()) => first,
+            }
+        }
     };
     match first {
         Ok(Ok(())) => {}
