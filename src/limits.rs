@@ -129,7 +129,7 @@ impl Admission {
             }
             entry.tokens -= 1.0;
         }
-        if entry.live >= limits.max_connections_per_ip {
+        if limits.max_connections_per_ip != 0 && entry.live >= limits.max_connections_per_ip {
             return Err(Refusal::PerIp);
         }
         // Reserve a slot in the process-wide count; undo on overflow.

@@ -567,6 +567,30 @@ async fn close_frames_are_forwarded_unchanged_both_ways() {
     assert_eq!(u, (vec![], Ended::Eof));
 }
 
+#[tokio::test]
+async fn a_close_nobody_answers_ends_both_sockets_after_timeouts_close() {
+    let close_wait = Duration::from_millis(400);
+    // shutdown_grace (5s) is far longer: the close handshake has its own bound.
+    let mut gate = Gate::start(&[("close", "400ms")], &[]).await;
+    let (mut client, mut upstream) = gate.open().await;
+    let close = client_close(1000, "done");
+    let started = Instant::now();
+    client.send(&close).await;
+    assert_eq!(upstream.frame("the client's close").await.raw, close);
+    // The upstream never answers: both sockets end once `close` has passed.
+    let (c, u) = tokio::join!(
+        client.until_eof("the client connection to end"),
+        upstream.until_eof("the upstream connection to end"),
+    );
+    let took = started.elapsed();
+    assert_eq!(c.1, Ended::Eof, "{c:?}");
+    assert_eq!(u.1, Ended::Eof, "{u:?}");
+    assert!(
+        took >= close_wait - CLOCK_SLACK && took < close_wait + Duration::from_secs(2),
+        "ended {took:?} after the close; timeouts.close is {close_wait:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Keepalive towards the upstream
 

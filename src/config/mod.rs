@@ -117,7 +117,10 @@ pub struct Timeouts {
     /// `None` when set to "0s" (disabled, the default).
     pub upstream_ping_interval: Option<Duration>,
     pub shutdown_grace: Duration,
+    /// When unset: `DRAIN_SPREAD`, but never longer than `shutdown_grace`.
     pub drain_spread: Duration,
+    /// After a close frame was sent or forwarded, how long to wait for the reply.
+    pub close: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,21 +325,23 @@ pub mod defaults {
     /// `shutdown_grace` (seconds): matches Kubernetes' default termination grace period.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// `drain_spread` (seconds): spreads reconnects so clients do not stampede the next
-    /// instance, and leaves most of `shutdown_grace` for close handshakes.
+    /// instance, and leaves most of `shutdown_grace` for close handshakes. When unset and
+    /// `shutdown_grace` is shorter, the spread is `shutdown_grace`: a default never
+    /// conflicts with a value written in the file.
     pub const DRAIN_SPREAD: Duration = Duration::from_secs(5);
+    /// `close` (seconds): a live peer answers a close frame within a round trip; 5s allows
+    /// for a congested mobile link without holding sockets of dead peers for long.
+    pub const CLOSE: Duration = Duration::from_secs(5);
 
     /// `max_connections` (connections): live WebSockets per process; at a few tens of KiB
     /// of buffers each this stays within a few GiB of memory.
     pub const MAX_CONNECTIONS: u64 = 100_000;
-    /// `max_connections_per_ip` (connections): room for a large office behind one NAT, while
-    /// one client cannot take the whole process.
-    pub const MAX_CONNECTIONS_PER_IP: u64 = 1000;
-    /// `handshake_rate_per_ip` (handshakes per second): far above a reconnecting browser,
-    /// far below a reconnect storm from one buggy client.
-    pub const HANDSHAKE_RATE_PER_IP: Option<Rate> = Some(Rate {
-        count: 50,
-        per: Duration::from_secs(1),
-    });
+    /// `max_connections_per_ip` (connections): 0, no limit. Offices behind one NAT, load
+    /// tests, conformance suites and a drain's reconnect ramp all come from one address; a
+    /// per-address limit is the operator's choice (proxy.toml.example shows one).
+    pub const MAX_CONNECTIONS_PER_IP: u64 = 0;
+    /// `handshake_rate_per_ip`: unlimited, for the same reasons.
+    pub const HANDSHAKE_RATE_PER_IP: Option<Rate> = None;
     /// `max_frame_size` (bytes, 1 MiB): larger than chat or game messages, small enough that
     /// one client cannot make the upstream buffer a huge message.
     pub const MAX_FRAME_SIZE: u64 = 1 << 20;
@@ -392,6 +397,7 @@ impl Default for Timeouts {
             upstream_ping_interval: defaults::UPSTREAM_PING_INTERVAL,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             drain_spread: defaults::DRAIN_SPREAD,
+            close: defaults::CLOSE,
         }
     }
 }

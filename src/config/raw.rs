@@ -143,6 +143,7 @@ pub struct RawTimeouts {
     pub upstream_ping_interval: Option<Spanned<UnitText>>,
     pub shutdown_grace: Option<Spanned<UnitText>>,
     pub drain_spread: Option<Spanned<UnitText>>,
+    pub close: Option<Spanned<UnitText>>,
 }
 
 /// `[limits]`

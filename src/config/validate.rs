@@ -220,10 +220,19 @@ impl Checker<'_> {
     fn global_timeouts(&mut self, raw: Option<&RawTimeouts>) -> Timeouts {
         let base = Timeouts::default();
         let Some(raw) = raw else { return base };
-        let timeouts = self.timeouts_over(base, raw, "timeouts");
-        // Blame drain_spread when it was written, else the shutdown_grace that undercut it.
-        let blame = raw.drain_spread.as_ref().or(raw.shutdown_grace.as_ref());
-        if let (Some(value), true) = (blame, timeouts.drain_spread > timeouts.shutdown_grace) {
+        let mut timeouts = self.timeouts_over(base, raw, "timeouts");
+        match (&raw.drain_spread, &raw.shutdown_grace) {
+            // Unset, the spread fits the grace; unset, the grace makes room for the spread.
+            (None, _) => timeouts.drain_spread = timeouts.drain_spread.min(timeouts.shutdown_grace),
+            (Some(_), None) => {
+                timeouts.shutdown_grace = timeouts.shutdown_grace.max(timeouts.drain_spread)
+            }
+            (Some(_), Some(_)) => {}
+        }
+        if let (Some(value), true) = (
+            &raw.drain_spread,
+            timeouts.drain_spread > timeouts.shutdown_grace,
+        ) {
             self.report(
                 value.span(),
                 format!(
@@ -255,6 +264,7 @@ impl Checker<'_> {
             (&raw.idle, &mut t.idle, "idle"),
             (&raw.pong_timeout, &mut t.pong_timeout, "pong_timeout"),
             (&raw.shutdown_grace, &mut t.shutdown_grace, "shutdown_grace"),
+            (&raw.close, &mut t.close, "close"),
         ];
         for (value, slot, name) in positive {
             if let Some(value) = value {
@@ -328,7 +338,7 @@ impl Checker<'_> {
                 &raw.max_connections_per_ip,
                 &mut limits.max_connections_per_ip,
                 "max_connections_per_ip",
-                1,
+                0,
                 i64::MAX,
             ),
         ];
@@ -1115,17 +1125,15 @@ upstream = \"app\"
                 upstream_ping_interval: None,
                 shutdown_grace: s(30),
                 drain_spread: s(5),
+                close: s(5),
             }
         );
         assert_eq!(
             c.limits,
             Limits {
                 max_connections: 100_000,
-                max_connections_per_ip: 1000,
-                handshake_rate_per_ip: Some(Rate {
-                    count: 50,
-                    per: s(1)
-                }),
+                max_connections_per_ip: 0,
+                handshake_rate_per_ip: None,
                 max_frame_size: 1024 * 1024,
                 max_frame_rate: None,
                 max_request_head: 64 * 1024,
@@ -1329,6 +1337,7 @@ builtin = "echo"
             "idle",
             "pong_timeout",
             "shutdown_grace",
+            "close",
         ] {
             let col = key.len() + 4;
             one_problem(
@@ -1347,11 +1356,13 @@ builtin = "echo"
             "proxy.toml:12:16: ",
             "timeouts.drain_spread (20s) is longer than timeouts.shutdown_grace (10s)",
         );
-        one_problem(
-            &with("[timeouts]\nshutdown_grace = \"3s\"\n"),
-            "proxy.toml:11:18: ",
-            "timeouts.drain_spread (5s) is longer than timeouts.shutdown_grace (3s)",
-        );
+        // A default never conflicts with a value written in the file.
+        let c = config(&with("[timeouts]\nshutdown_grace = \"3s\"\n"));
+        assert_eq!(c.timeouts.drain_spread, Duration::from_secs(3));
+        let c = config(&with("[timeouts]\ndrain_spread = \"45s\"\n"));
+        assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(45));
+        let c = config(&with("[timeouts]\nclose = \"2s\"\n"));
+        assert_eq!(c.timeouts.close, Duration::from_secs(2));
     }
 
     #[test]
@@ -1386,7 +1397,7 @@ builtin = "echo"
         one_problem(
             &with("[limits]\nmax_connections_per_ip = -5\n"),
             "proxy.toml:11:26: ",
-            "invalid limits.max_connections_per_ip -5: expected at least 1",
+            "invalid limits.max_connections_per_ip -5: expected at least 0",
         );
         for bad in ["1023B", "1025KiB"] {
             one_problem(

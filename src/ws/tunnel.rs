@@ -911,7 +911,7 @@ where
 
     fn start_deadline(&mut self, now: Instant) {
         if self.deadline.is_none() {
-            self.deadline = Some(now + self.settings.timeouts.shutdown_grace);
+            self.deadline = Some(now + self.settings.timeouts.close);
         }
     }
 
