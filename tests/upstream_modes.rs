@@ -373,3 +373,48 @@ async fn cookie_balancing_sticks_to_the_server_that_set_the_cookie() {
         Some(format!("io=sess-{server}; theme=dark").as_str())
     );
 }
+
+#[tokio::test]
+async fn a_cookie_set_elsewhere_is_hashed_to_one_server() {
+    use support::upstreams::{answer_status, spawn_raw_upstream};
+    let dir = TestDir::new();
+    let answer = |id: &'static str| {
+        answer_status("200 OK", &[("x-server", id), ("Connection", "close")], id)
+    };
+    let mut a = spawn_raw_upstream(answer("a")).await;
+    let mut b = spawn_raw_upstream(answer("b")).await;
+    let proxy = spawn_proxy(&two_servers(a.addr, b.addr, "cookie:io"), &dir).await;
+    let mut client = HttpClient::connect(proxy.addr("public")).await;
+    // Values no server of this pool prefixed (another proxy's, or a plain session id): each
+    // value keeps one server, and the values spread over both.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..16 {
+        let cookie = format!("io=session-{i}; theme=dark");
+        let mut servers = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let response = client
+                .get("a.test", "/", &[("cookie", cookie.as_str())])
+                .await;
+            servers.insert(response.headers()["x-server"].to_str().unwrap().to_owned());
+        }
+        assert_eq!(servers.len(), 1, "{cookie} went to {servers:?}");
+        seen.extend(servers);
+    }
+    assert_eq!(seen.len(), 2, "16 values all hashed to {seen:?}");
+    // The application's value reached the server unchanged, even with a '~' in it.
+    let response = client
+        .get("a.test", "/", &[("cookie", "io=abcd1234~not-ours")])
+        .await;
+    let server = response.headers()["x-server"].to_str().unwrap().to_owned();
+    let upstream = if server == "a" { &mut a } else { &mut b };
+    let head = loop {
+        let head = upstream
+            .heads
+            .next("the request with a foreign prefix")
+            .await;
+        if head.header("cookie") == Some("io=abcd1234~not-ours") {
+            break head;
+        }
+    };
+    assert_eq!(head.header("cookie"), Some("io=abcd1234~not-ours"));
+}

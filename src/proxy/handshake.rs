@@ -114,7 +114,9 @@ pub async fn forward(
     let permit = admit(&shared, &conn)?;
     let mut headers = upstream_headers(&req, &conn, host);
     if let Balance::Cookie(name) = &upstream.balance {
-        sticky::strip_request_prefix(&mut headers, name);
+        sticky::strip_request_prefix(&mut headers, name, |id| {
+            upstream.servers.iter().any(|s| s.sticky_id() == id)
+        });
     }
     let target = upstream_target(req.uri(), &route)?;
     let timeouts = route.config.timeouts;

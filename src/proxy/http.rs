@@ -31,7 +31,9 @@ pub async fn forward(
 
     let servers = upstream.attempt_order(conn.client.ip(), req.headers());
     if let Balance::Cookie(name) = &upstream.balance {
-        sticky::strip_request_prefix(req.headers_mut(), name);
+        sticky::strip_request_prefix(req.headers_mut(), name, |id| {
+            upstream.servers.iter().any(|s| s.sticky_id() == id)
+        });
     }
     for server in servers {
         upstream.set_host(req.headers_mut(), server);

@@ -141,11 +141,24 @@ impl Upstream {
     fn balanced_order(&self, client: IpAddr, headers: &HeaderMap) -> Vec<&Arc<Server>> {
         let n = self.servers.len();
         let mut order: Vec<&Arc<Server>> = Vec::with_capacity(n);
-        let hash_key = match &self.balance {
-            Balance::IpHash => Some(HashKey::Ip(client.to_canonical())),
-            Balance::Header(name) => headers
+        // Cookie stickiness: a cookie naming one of our servers picks it (below); any other
+        // value of the cookie (set elsewhere, or by a server no longer in the pool) is
+        // hashed, so the same value keeps landing on the same server.
+        let sticky = match &self.balance {
+            Balance::Cookie(name) => {
+                sticky::cookie_value(headers, name).map(|value| match self.sticky_server(value) {
+                    Some(pos) => Ok(pos),
+                    None => Err(value),
+                })
+            }
+            _ => None,
+        };
+        let hash_key = match (&self.balance, sticky) {
+            (Balance::IpHash, _) => Some(HashKey::Ip(client.to_canonical())),
+            (Balance::Header(name), _) => headers
                 .get(name.as_str())
                 .map(|v| HashKey::Bytes(v.as_bytes())),
+            (_, Some(Err(value))) => Some(HashKey::Bytes(value.as_bytes())),
             _ => None,
         };
         if let Some(key) = hash_key {
@@ -165,10 +178,11 @@ impl Upstream {
                 // Stable sort: ties keep the round-robin rotation, so equal servers share load.
                 order.sort_by_key(|s| s.active());
             }
-            Balance::Cookie(name) => {
-                // The server the cookie names goes first; without one, round robin.
-                if let Some(id) = sticky::requested_id(headers, name) {
-                    if let Some(pos) = order.iter().position(|s| s.sticky_id() == id) {
+            Balance::Cookie(_) => {
+                // The server the cookie names goes first; without the cookie, round robin.
+                if let Some(Ok(chosen)) = sticky {
+                    let server = &self.servers[chosen];
+                    if let Some(pos) = order.iter().position(|s| Arc::ptr_eq(s, server)) {
                         let chosen = order.remove(pos);
                         order.insert(0, chosen);
                     }
@@ -177,6 +191,12 @@ impl Upstream {
             _ => {}
         }
         order
+    }
+
+    /// The index of the server whose sticky id prefixes cookie `value`, if any.
+    pub fn sticky_server(&self, value: &str) -> Option<usize> {
+        let id = sticky::prefix(value)?;
+        self.servers.iter().position(|s| s.sticky_id() == id)
     }
 
     /// Opens a connection to `server`: TCP with `TCP_NODELAY`, then TLS if configured, all

@@ -28,9 +28,17 @@ pub fn server_id(label: &str) -> String {
     format!("{hash:08x}")
 }
 
-/// The server id carried by cookie `name` in the request, if any.
-pub fn requested_id<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
-    cookie_values(headers, name).find_map(|value| value.split_once(SEPARATOR).map(|(id, _)| id))
+/// The first value of cookie `name` in the request, if any.
+pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
+    cookie_values(headers, name).next()
+}
+
+/// The server id a cookie value starts with, if it has the shape of one.
+pub fn prefix(value: &str) -> Option<&str> {
+    value
+        .split_once(SEPARATOR)
+        .map(|(id, _)| id)
+        .filter(|id| id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
@@ -45,9 +53,10 @@ fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Ite
         })
 }
 
-/// Removes the server prefix from cookie `name` before the request goes upstream.
-pub fn strip_request_prefix(headers: &mut HeaderMap, name: &str) {
-    if requested_id(headers, name).is_none() {
+/// Removes the server prefix from cookie `name` before the request goes upstream, when
+/// `known` says it names a server of the pool (any other value is the application's own).
+pub fn strip_request_prefix(headers: &mut HeaderMap, name: &str, known: impl Fn(&str) -> bool) {
+    if !cookie_values(headers, name).any(|v| prefix(v).is_some_and(&known)) {
         return;
     }
     let rewritten: Vec<HeaderValue> = headers
@@ -60,8 +69,10 @@ pub fn strip_request_prefix(headers: &mut HeaderMap, name: &str) {
                     let trimmed = pair.trim();
                     match trimmed.split_once('=') {
                         Some((n, v)) if n == name => match v.split_once(SEPARATOR) {
-                            Some((_, app)) => format!("{n}={app}"),
-                            None => trimmed.to_string(),
+                            Some((_, app)) if prefix(v).is_some_and(&known) => {
+                                format!("{n}={app}")
+                            }
+                            _ => trimmed.to_string(),
                         },
                         _ => trimmed.to_string(),
                     }
@@ -117,10 +128,20 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; io=abcd1234~sess42; b=2"),
         );
-        assert_eq!(requested_id(&h, "io"), Some("abcd1234"));
-        strip_request_prefix(&mut h, "io");
+        assert_eq!(cookie_value(&h, "io").and_then(prefix), Some("abcd1234"));
+        strip_request_prefix(&mut h, "io", |id| id == "abcd1234");
         assert_eq!(h[header::COOKIE], "a=1; io=sess42; b=2");
-        assert_eq!(requested_id(&h, "io"), None);
+        assert_eq!(cookie_value(&h, "io").and_then(prefix), None);
+    }
+
+    #[test]
+    fn an_unknown_prefix_is_the_application_s_value() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("io=abcd1234~x"));
+        strip_request_prefix(&mut h, "io", |id| id == "00000000");
+        assert_eq!(h[header::COOKIE], "io=abcd1234~x");
+        assert_eq!(prefix("not-an-id~x"), None);
+        assert_eq!(prefix("plain"), None);
     }
 
     #[test]
