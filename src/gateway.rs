@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -18,7 +18,7 @@ use crate::listener::pending::PendingHeads;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Router;
 use crate::upstream::Upstream;
-use crate::ws::record::ConnRecord;
+pub use crate::ws::record::Connections;
 
 /// A route as the request path uses it.
 #[derive(Debug)]
@@ -153,59 +153,5 @@ impl ConnContext {
         } else {
             "http"
         }
-    }
-}
-
-/// The live WebSocket connections, by id: what the admin API lists and drain closes.
-#[derive(Debug, Default)]
-pub struct Connections {
-    map: Mutex<HashMap<u64, Arc<ConnRecord>>>,
-}
-
-impl Connections {
-    /// Adds a connection until the returned guard is dropped.
-    pub fn register(&self, record: Arc<ConnRecord>) -> Registered<'_> {
-        let id = record.identity.id;
-        self.lock().insert(id, record);
-        Registered {
-            connections: self,
-            id,
-        }
-    }
-
-    pub fn get(&self, id: u64) -> Option<Arc<ConnRecord>> {
-        self.lock().get(&id).cloned()
-    }
-
-    /// A snapshot of every live connection, oldest first.
-    pub fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
-        let mut all: Vec<_> = self.lock().values().cloned().collect();
-        all.sort_by_key(|r| r.identity.id);
-        all
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Removes its connection from the registry on drop.
-#[derive(Debug)]
-pub struct Registered<'a> {
-    connections: &'a Connections,
-    id: u64,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.connections.lock().remove(&self.id);
     }
 }

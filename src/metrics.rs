@@ -8,7 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::ws::record::{Direction, Initiator};
+use crate::ws::side::{Direction, Initiator};
 
 /// Handshakes take from well under a millisecond (builtin echo on loopback) to the
 /// upstream_handshake timeout (10 s by default).

@@ -21,11 +21,10 @@ use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
 use crate::proxy::http::{connect_failure, upstream_target};
-use crate::proxy::upgrade;
+use crate::proxy::{upgrade, upgraded};
 use crate::upstream::sticky;
 use crate::upstream::Upstream;
 use crate::ws;
-use crate::ws::tunnel::TunnelSettings;
 
 /// RFC 6455 §1.3: the GUID appended to the key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -202,14 +201,14 @@ pub async fn forward(
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let record = ws::new_record(
+    let record = upgraded::new_record(
         &shared,
         &route,
         &conn,
         Some((&upstream, &server)),
         subprotocol,
     );
-    let settings = TunnelSettings::new(timeouts, &shared.gateway.load());
+    let settings = upgraded::tunnel_settings(timeouts, &shared);
     debug!(id = record.identity.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
@@ -221,7 +220,7 @@ pub async fn forward(
                 return;
             }
         };
-        let (client, client_early) = ws::client_io(client);
+        let (client, client_early) = upgraded::client_io(client);
         let tunnel = ws::tunnel_to(
             client,
             client_early,

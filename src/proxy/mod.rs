@@ -8,6 +8,7 @@ pub mod head;
 pub mod headers;
 pub mod http;
 pub mod upgrade;
+pub mod upgraded;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -61,7 +62,7 @@ pub async fn handle(
             match handshake::validate(&req, &route)
                 .and_then(|key| Ok((key, handshake::admit(&shared, &conn)?)))
             {
-                Ok((key, permit)) => Ok(crate::ws::echo::accept(
+                Ok((key, permit)) => Ok(upgraded::accept_echo(
                     req, &route, &conn, &shared, &key, permit,
                 )),
                 Err(e) => Err(e),

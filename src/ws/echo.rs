@@ -3,71 +3,15 @@
 //! tunnel as proxied connections (over an in-process pipe), so keepalive pings, timeouts
 //! and frame limits apply exactly as they do for a real upstream.
 
-use std::sync::Arc;
-
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::debug;
 
-use crate::gateway::{ConnContext, Route, Shared};
-use crate::limits::Permit;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::handshake;
 use crate::ws::codec::{self, Decoder, OpCode, Role, MAX_CONTROL_FRAME, NO_PAYLOAD_LIMIT};
-use crate::ws::tunnel::TunnelSettings;
 
 /// Capacity of the in-process pipe between the tunnel and the echo loop.
-const PIPE_CAPACITY: usize = 64 * 1024;
+pub const PIPE_CAPACITY: usize = 64 * 1024;
 
 /// The echo loop's read buffer: any size works, frames stream through it.
 const ECHO_BUF: usize = 8 * 1024;
-
-/// Answers the upgrade with 101 and spawns the tunnel and echo loop on the upgraded socket.
-pub fn accept<B>(
-    req: Request<B>,
-    route: &Route,
-    conn: &ConnContext,
-    shared: &Arc<Shared>,
-    key: &HeaderValue,
-    permit: Permit,
-) -> Response<ProxyBody>
-where
-    B: Send + 'static,
-{
-    let on_upgrade = hyper::upgrade::on(req);
-    let record = super::new_record(shared, route, conn, None, None);
-    let settings = TunnelSettings::new(route.config.timeouts, &shared.gateway.load());
-    let tracked = shared.clone();
-    shared.tunnels.spawn(async move {
-        let _permit = permit;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                debug!(id = record.identity.id, error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        let (client, early) = super::client_io(upgraded);
-        let (tunnel_side, echo_side) = tokio::io::duplex(PIPE_CAPACITY);
-        let tunnel = super::tunnel_to(
-            client,
-            early,
-            tunnel_side,
-            Bytes::new(),
-            settings,
-            record.clone(),
-        );
-        let tunnel = super::run(tunnel, record, &tracked.connections);
-        let echo = async {
-            if let Err(e) = echo(echo_side).await {
-                debug!(error = %e, "echo loop ended");
-            }
-        };
-        tokio::join!(tunnel, echo);
-    });
-    handshake::switching_protocols(key)
-}
 
 /// Echoes client frames (masked, as the tunnel forwards them) back unmasked: data frames
 /// with the same FIN, RSV and opcode, pings as pongs, a close with the same payload.

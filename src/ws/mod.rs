@@ -7,6 +7,7 @@ pub mod codec;
 pub mod echo;
 pub mod keepalive;
 pub mod record;
+pub mod side;
 pub mod splice;
 pub mod tunnel;
 
@@ -22,10 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::gateway::{ConnContext, Connections, Route, Shared};
-use crate::listener::head_guard::HeadGuard;
-use crate::upstream::{Server, Upstream};
-use record::{ConnRecord, Identity};
+use record::{ConnRecord, Connections};
 use tunnel::{Outcome, Tunnel, TunnelSettings};
 
 /// A client's upgraded connection, unwrapped from hyper where its type is known so the
@@ -34,62 +32,6 @@ pub enum ClientIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Other(TokioIo<Upgraded>),
-}
-
-/// Unwraps an upgraded client connection and the bytes hyper read past the request.
-pub fn client_io(upgraded: Upgraded) -> (ClientIo, Bytes) {
-    let upgraded = match upgraded.downcast::<TokioIo<HeadGuard<TcpStream>>>() {
-        Ok(parts) => {
-            let (tcp, held) = parts.io.into_inner().into_inner();
-            return (ClientIo::Plain(tcp), join(parts.read_buf, held));
-        }
-        Err(upgraded) => upgraded,
-    };
-    match upgraded.downcast::<TokioIo<HeadGuard<tokio_rustls::server::TlsStream<TcpStream>>>>() {
-        Ok(parts) => {
-            let (tls, held) = parts.io.into_inner().into_inner();
-            (ClientIo::Tls(Box::new(tls)), join(parts.read_buf, held))
-        }
-        Err(upgraded) => (ClientIo::Other(TokioIo::new(upgraded)), Bytes::new()),
-    }
-}
-
-/// What hyper read past the request, then what the head gate read and had not handed on.
-fn join(hyper: Bytes, held: Bytes) -> Bytes {
-    if held.is_empty() {
-        hyper
-    } else if hyper.is_empty() {
-        held
-    } else {
-        let mut both = Vec::with_capacity(hyper.len() + held.len());
-        both.extend_from_slice(&hyper);
-        both.extend_from_slice(&held);
-        both.into()
-    }
-}
-
-/// Builds the record of a connection being upgraded on `route`.
-pub fn new_record(
-    shared: &Shared,
-    route: &Route,
-    conn: &ConnContext,
-    server: Option<(&Upstream, &Server)>,
-    subprotocol: Option<String>,
-) -> Arc<ConnRecord> {
-    Arc::new(ConnRecord::new(
-        Identity {
-            id: shared.next_id(),
-            client: conn.client,
-            listener: conn.listener.clone(),
-            route: route.name.clone(),
-            upstream: server.map(|(u, _)| u.name.clone()),
-            server: server.map(|(_, s)| s.label.clone()),
-            http_version: "HTTP/1.1",
-            subprotocol,
-            started: std::time::Instant::now(),
-        },
-        route.metrics.clone(),
-    ))
 }
 
 /// A tunnel ready to run. Boxed once, at its exact size: the task that runs it then stays

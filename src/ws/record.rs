@@ -1,9 +1,10 @@
 //! One record per live WebSocket: identity, counters the relay bumps once per read batch,
 //! and the close request channel the admin API and drain use.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::Instant;
 
@@ -11,39 +12,7 @@ use atomic_waker::AtomicWaker;
 
 use crate::metrics::RouteMetrics;
 
-/// A direction of relayed traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    ClientToUpstream,
-    UpstreamToClient,
-}
-
-impl Direction {
-    pub fn label(self) -> &'static str {
-        match self {
-            Direction::ClientToUpstream => "client_to_upstream",
-            Direction::UpstreamToClient => "upstream_to_client",
-        }
-    }
-}
-
-/// Who ended a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Initiator {
-    Client,
-    Upstream,
-    Proxy,
-}
-
-impl Initiator {
-    pub fn label(self) -> &'static str {
-        match self {
-            Initiator::Client => "client",
-            Initiator::Upstream => "upstream",
-            Initiator::Proxy => "proxy",
-        }
-    }
-}
+pub use super::side::{Direction, Initiator};
 
 /// Live counters of one direction.
 #[derive(Debug, Default)]
@@ -141,5 +110,59 @@ impl ConnRecord {
             u64::MAX => None,
             us => Some(us as f64 / 1000.0),
         }
+    }
+}
+
+/// The live WebSocket connections, by id: what the admin API lists and drain closes.
+#[derive(Debug, Default)]
+pub struct Connections {
+    map: Mutex<HashMap<u64, Arc<ConnRecord>>>,
+}
+
+impl Connections {
+    /// Adds a connection until the returned guard is dropped.
+    pub fn register(&self, record: Arc<ConnRecord>) -> Registered<'_> {
+        let id = record.identity.id;
+        self.lock().insert(id, record);
+        Registered {
+            connections: self,
+            id,
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<ConnRecord>> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// A snapshot of every live connection, oldest first.
+    pub fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
+        let mut all: Vec<_> = self.lock().values().cloned().collect();
+        all.sort_by_key(|r| r.identity.id);
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Removes its connection from the registry on drop.
+#[derive(Debug)]
+pub struct Registered<'a> {
+    connections: &'a Connections,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
     }
 }

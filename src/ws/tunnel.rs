@@ -20,8 +20,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Duration, Instant, Sleep};
 
-use crate::config::{Rate, Timeouts};
-use crate::gateway::Gateway;
+use crate::config::{Limits, Rate, Timeouts};
 use crate::metrics;
 use crate::ws::buffer::RelayBuf;
 use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
@@ -81,12 +80,13 @@ pub struct TunnelSettings {
 
 impl TunnelSettings {
     /// The settings of a new tunnel under the current configuration.
-    pub fn new(timeouts: Timeouts, gateway: &Gateway) -> Self {
+    /// A route's timeouts, the `[limits]` and the `[runtime] splice` switch in force.
+    pub fn new(timeouts: Timeouts, limits: &Limits, splice: bool) -> Self {
         TunnelSettings {
             timeouts,
-            max_frame_size: gateway.limits.max_frame_size,
-            max_frame_rate: gateway.limits.max_frame_rate,
-            splice: gateway.splice,
+            max_frame_size: limits.max_frame_size,
+            max_frame_rate: limits.max_frame_rate,
+            splice,
         }
     }
 }
