@@ -50,16 +50,16 @@ use listener::BoundListener;
 use reload::Reloader;
 
 /// A configured proxy whose listeners are bound and ready to serve.
-pub struct Server {
+pub struct Wsgate {
     shared: Arc<Shared>,
     listeners: Vec<BoundListener>,
     admin: TcpListener,
     reloader: Arc<Reloader>,
 }
 
-impl Server {
-    /// Binds every listener of `config` (port 0 picks a free port; see [`Server::listener_addr`]).
-    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+impl Wsgate {
+    /// Binds every listener of `config` (port 0 picks a free port; see [`Wsgate::listener_addr`]).
+    pub async fn bind(config: Config) -> anyhow::Result<Wsgate> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let tls = match &l.tls {
@@ -83,7 +83,7 @@ impl Server {
             .with_context(|| format!("admin listener: cannot bind {}", config.admin.bind))?;
         let shared = Arc::new(Shared::new(&config));
         let reloader = Arc::new(Reloader::new(config, shared.clone(), &listeners));
-        Ok(Server {
+        Ok(Wsgate {
             shared,
             listeners,
             admin,
@@ -111,7 +111,7 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains (see [`shutdown::drain`]) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Server {
+        let Wsgate {
             shared,
             listeners,
             admin,

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let server = wsgate::Server::bind(config).await?;
+    let server = wsgate::Wsgate::bind(config).await?;
     let reloader = server.reloader();
     match signal(SignalKind::hangup()) {
         Ok(mut hangup) => {

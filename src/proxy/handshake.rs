@@ -20,7 +20,7 @@ use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
-use crate::proxy::http::{connect_failure, upstream_target};
+use crate::proxy::plain::{connect_failure, upstream_target};
 use crate::proxy::{upgrade, upgraded};
 use crate::upstream::sticky;
 use crate::upstream::Upstream;

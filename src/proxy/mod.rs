@@ -6,7 +6,7 @@ pub mod body;
 pub mod handshake;
 pub mod head;
 pub mod headers;
-pub mod http;
+pub mod plain;
 pub mod upgrade;
 pub mod upgraded;
 
@@ -76,7 +76,7 @@ pub async fn handle(
                 handshake::forward(req, route, upstream, conn, shared.clone(), host.as_deref())
                     .await
             } else {
-                http::forward(req, &route, &upstream, &conn, host.as_deref()).await
+                plain::forward(req, &route, &upstream, &conn, host.as_deref()).await
             }
         }
         (RouteTarget::Upstream(name), None) => Err(ProxyError::Internal(format!(

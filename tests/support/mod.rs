@@ -112,7 +112,7 @@ pub async fn spawn_proxy(toml: &str, dir: &TestDir) -> Proxy {
         panic!("the test config was rejected:\n{e}\n--- proxy.toml ---\n{toml}")
     });
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
-    let server = wsgate::Server::bind(config)
+    let server = wsgate::Wsgate::bind(config)
         .await
         .unwrap_or_else(|e| panic!("the proxy cannot bind: {e:#}"));
     let addrs = names
