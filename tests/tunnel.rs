@@ -532,6 +532,54 @@ async fn client_lost_without_close_is_1001_client_gone() {
     );
 }
 
+/// A peer that vanishes in the middle of a frame leaves the other with a frame no close can
+/// follow: wsgate shuts that side at once instead of waiting `timeouts.close` (set long here
+/// so waiting would show).
+#[tokio::test]
+async fn a_peer_lost_mid_frame_ends_the_other_side_at_once() {
+    let mut gate = Gate::start(&[("close", "30s")], &[("max_frame_size", "1MiB")]).await;
+
+    // The upstream dies after 100 bytes of a 1000-byte frame.
+    let (mut client, mut upstream) = gate.open().await;
+    let frame = server_frame(op::BINARY, &[7u8; 1000]);
+    let header_len = frame.len() - 1000;
+    upstream.send(&frame[..header_len + 100]).await;
+    let got = client
+        .bytes(header_len + 100, "the start of the frame")
+        .await;
+    assert_eq!(got, frame[..header_len + 100]);
+    let started = Instant::now();
+    drop(upstream);
+    let (rest, ended) = client.until_eof("the client connection to end").await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(ended, Ended::Eof);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The client dies after 100 bytes of a 1000-byte frame.
+    let (mut client, mut upstream) = gate.open().await;
+    let frame = client_frame(op::BINARY, &[9u8; 1000]);
+    let header_len = frame.len() - 1000;
+    client.send(&frame[..header_len + 100]).await;
+    let got = upstream
+        .bytes(header_len + 100, "the start of the frame")
+        .await;
+    assert_eq!(got, frame[..header_len + 100]);
+    let started = Instant::now();
+    drop(client);
+    let (rest, ended) = upstream.until_eof("the upstream connection to end").await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(ended, Ended::Eof);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn close_frames_are_forwarded_unchanged_both_ways() {
     let mut gate = Gate::start(&[], &[]).await;

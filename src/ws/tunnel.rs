@@ -1027,12 +1027,19 @@ where
             };
             half.queue(OpCode::Close, &payload[..n], mask);
         }
+        // The vanished side left a frame unfinished towards the other peer: no close frame
+        // can follow it, so there is nothing to wait for; both sockets are shut at once.
+        let mid_frame = !half.at_boundary();
         // The vanished side will say nothing more.
         match towards {
             Direction::ClientToUpstream => self.c2u.src_done = true,
             Direction::UpstreamToClient => self.u2c.src_done = true,
         }
-        self.start_deadline(now);
+        if mid_frame {
+            self.deadline = Some(now);
+        } else {
+            self.start_deadline(now);
+        }
     }
 
     fn started(&self) -> Instant {
