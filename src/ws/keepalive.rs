@@ -100,3 +100,94 @@ impl Keepalive {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(30);
+    const PONG: Duration = Duration::from_secs(10);
+    const TICK: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_at_the_interval_not_before_not_after() {
+        let start = Instant::now();
+        let mut ka = Keepalive::new(Some(INTERVAL), PONG, start);
+        assert_eq!(ka.next_deadline(), Some(start + INTERVAL));
+        assert_eq!(ka.poll(start + INTERVAL - TICK), KeepaliveAction::None);
+        let KeepaliveAction::Ping(token) = ka.poll(start + INTERVAL) else {
+            panic!("no ping at the interval");
+        };
+        assert_eq!(&token[..6], b"wsgate");
+        assert_eq!(ka.token(), Some(&token));
+        // One ping per silence: the next decision is the pong deadline.
+        assert_eq!(ka.next_deadline(), Some(start + INTERVAL + PONG));
+        assert_eq!(ka.poll(start + INTERVAL + TICK), KeepaliveAction::None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_after_a_ping_is_dead_exactly_at_pong_timeout() {
+        let start = Instant::now();
+        let mut ka = Keepalive::new(Some(INTERVAL), PONG, start);
+        assert!(matches!(
+            ka.poll(start + INTERVAL),
+            KeepaliveAction::Ping(_)
+        ));
+        assert_eq!(
+            ka.poll(start + INTERVAL + PONG - TICK),
+            KeepaliveAction::None
+        );
+        assert_eq!(ka.poll(start + INTERVAL + PONG), KeepaliveAction::Dead);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_frame_answers_and_restarts_the_interval() {
+        let start = Instant::now();
+        let mut ka = Keepalive::new(Some(INTERVAL), PONG, start);
+        assert!(matches!(
+            ka.poll(start + INTERVAL),
+            KeepaliveAction::Ping(_)
+        ));
+        let heard = start + INTERVAL + Duration::from_secs(3);
+        ka.heard(heard);
+        assert_eq!(ka.poll(start + INTERVAL + PONG), KeepaliveAction::None);
+        assert_eq!(ka.next_deadline(), Some(heard + INTERVAL));
+        assert_eq!(ka.poll(heard + INTERVAL - TICK), KeepaliveAction::None);
+        assert!(matches!(
+            ka.poll(heard + INTERVAL),
+            KeepaliveAction::Ping(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_our_pong_is_consumed_and_its_rtt_measured() {
+        let start = Instant::now();
+        let mut ka = Keepalive::new(Some(INTERVAL), PONG, start);
+        let KeepaliveAction::Ping(token) = ka.poll(start + INTERVAL) else {
+            panic!("no ping");
+        };
+        let answered = start + INTERVAL + Duration::from_millis(42);
+        assert_eq!(ka.is_our_pong(b"someone else's", answered), None);
+        let mut other = token;
+        other[13] ^= 1;
+        assert_eq!(ka.is_our_pong(&other, answered), None);
+        assert_eq!(
+            ka.is_our_pong(&token, answered),
+            Some(Duration::from_millis(42))
+        );
+        // Consumed once: a replayed copy is the peer's own pong.
+        assert_eq!(ka.is_our_pong(&token, answered), None);
+        assert_eq!(ka.token(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_interval_never_pings() {
+        let start = Instant::now();
+        let mut ka = Keepalive::new(None, PONG, start);
+        assert_eq!(ka.next_deadline(), None);
+        assert_eq!(
+            ka.poll(start + Duration::from_secs(86_400)),
+            KeepaliveAction::None
+        );
+    }
+}
