@@ -107,6 +107,13 @@ impl Gate {
         (client, upstream)
     }
 
+    /// [`Gate::open`] with extra request header lines (an extension offer).
+    async fn open_with(&mut self, extra: &str) -> (WsConn, WsConn) {
+        let client = wsraw::connect_with(self.proxy.addr("public"), "/ws", extra).await;
+        let upstream = self.upstream.accept().await;
+        (client, upstream)
+    }
+
     async fn open(&mut self) -> (WsConn, WsConn) {
         self.open_at("/ws").await
     }
@@ -757,7 +764,7 @@ async fn pings_between_fragments_are_forwarded_and_answered() {
 #[tokio::test]
 async fn rsv1_passes_through_unchanged_both_ways() {
     let mut gate = Gate::start(&[], &[]).await;
-    let (mut client, mut upstream) = gate.open().await;
+    let (mut client, mut upstream) = gate.open_with(DEFLATE).await;
 
     let frames = [
         encode(true, RSV1, op::TEXT, b"deflated?", Some(random_mask())),
@@ -780,6 +787,73 @@ async fn rsv1_passes_through_unchanged_both_ways() {
         assert_eq!(&got.raw, f);
     }
     assert_eq!(parse_all(&frames[0])[0].rsv, RSV1);
+}
+
+/// permessage-deflate offered by the client (and agreed by the test upstream).
+const DEFLATE: &str = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+
+/// RSV bits no agreed extension defines: the hop that sees them closes, with the codes of
+/// the tunnel table, and the frame goes no further.
+#[tokio::test]
+async fn rsv_bits_no_agreed_extension_defines_are_refused_both_ways() {
+    let mut gate = Gate::start(&[], &[]).await;
+    // (extensions offered, valid frames first, then the bad one)
+    let first_fragment = encode(false, RSV1, op::TEXT, b"a", Some(random_mask()));
+    let cases: [(&str, Vec<u8>, Vec<u8>); 4] = [
+        (
+            "",
+            vec![],
+            encode(true, RSV1, op::TEXT, b"x", Some(random_mask())),
+        ),
+        (
+            DEFLATE,
+            vec![],
+            encode(true, 0b010, op::BINARY, b"x", Some(random_mask())),
+        ),
+        (
+            DEFLATE,
+            vec![],
+            encode(true, RSV1, op::PING, b"x", Some(random_mask())),
+        ),
+        (
+            DEFLATE,
+            first_fragment,
+            encode(true, RSV1, op::CONTINUATION, b"b", Some(random_mask())),
+        ),
+    ];
+    for (offer, valid, bad) in cases {
+        let (mut client, mut upstream) = gate.open_with(offer).await;
+        client.send(&[valid.clone(), bad].concat()).await;
+        client
+            .expect_close(1002, "protocol error", "the client's close")
+            .await;
+        if !valid.is_empty() {
+            assert_eq!(upstream.frame("the valid fragment").await.raw, valid);
+        }
+        // The bad frame never reaches the upstream: the next thing it sees is the close.
+        let close = upstream
+            .expect_close(1001, "client error", "the upstream's close")
+            .await;
+        assert!(close.mask.is_some());
+    }
+    // From the upstream: the client hears 1014, the upstream 1002.
+    let (mut client, mut upstream) = gate.open().await;
+    upstream
+        .send(&encode(true, RSV1, op::TEXT, b"x", None))
+        .await;
+    client
+        .expect_close(1014, "bad gateway", "the client's close")
+        .await;
+    upstream
+        .expect_close(1002, "protocol error", "the upstream's close")
+        .await;
+    // An extension wsgate does not know: its bits pass.
+    let (mut client, mut upstream) = gate
+        .open_with("Sec-WebSocket-Extensions: x-custom\r\n")
+        .await;
+    let frame = encode(true, 0b011, op::BINARY, b"custom", Some(random_mask()));
+    client.send(&frame).await;
+    assert_eq!(upstream.frame("the custom frame").await.raw, frame);
 }
 
 /// Cases of [`random_frames_arrive_byte_identical`]; few enough to keep CI fast.

@@ -208,7 +208,12 @@ pub async fn forward(
         Some((&upstream, &server)),
         subprotocol,
     );
-    let settings = upgraded::tunnel_settings(timeouts, &shared);
+    let settings = upgraded::tunnel_settings(timeouts, &shared).with_extensions(
+        headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     debug!(id = record.identity.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {

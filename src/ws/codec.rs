@@ -202,11 +202,44 @@ impl FrameError {
     }
 }
 
+/// Which RSV bits the extensions agreed in the 101 allow (RFC 6455 §5.2: a bit no
+/// negotiated extension defines must fail the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RsvPolicy {
+    /// No extension: every RSV bit is a protocol error.
+    NoExtension,
+    /// permessage-deflate (RFC 7692 §6): RSV1 on the first frame of a data message only.
+    Deflate,
+    /// An extension wsgate does not know: its RSV bits pass untouched.
+    Unknown,
+}
+
+impl RsvPolicy {
+    /// The policy for a `Sec-WebSocket-Extensions` answer (all of its lines, joined).
+    pub fn from_agreed<'a>(values: impl IntoIterator<Item = &'a str>) -> RsvPolicy {
+        let mut policy = RsvPolicy::NoExtension;
+        for name in values
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .map(|ext| ext.split(';').next().unwrap_or_default().trim())
+            .filter(|name| !name.is_empty())
+        {
+            policy = match (policy, name.eq_ignore_ascii_case("permessage-deflate")) {
+                (RsvPolicy::NoExtension, true) => RsvPolicy::Deflate,
+                _ => RsvPolicy::Unknown,
+            };
+        }
+        policy
+    }
+}
+
 /// Stateful per-direction decoder: tracks whether a fragmented data message is open.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     /// Which peer's bytes this decoder sees (decides the masking rule).
     role: Role,
+    /// Which RSV bits may be set.
+    rsv: RsvPolicy,
     /// Largest accepted payload of any frame; larger ones are [`FrameError::TooBig`].
     max_payload: u64,
     /// A text/binary frame without FIN was accepted and its final continuation has not been.
@@ -219,9 +252,16 @@ impl Decoder {
     pub fn new(role: Role, max_payload: u64) -> Self {
         Decoder {
             role,
+            rsv: RsvPolicy::Unknown,
             max_payload,
             fragmented: false,
         }
+    }
+
+    /// The same decoder, checking RSV bits against the extensions agreed in the 101.
+    pub fn with_rsv(mut self, rsv: RsvPolicy) -> Self {
+        self.rsv = rsv;
+        self
     }
 
     /// The peer whose frames this decoder validates.
@@ -264,6 +304,22 @@ impl Decoder {
             (Role::Client, false) => return Err(FrameError::Protocol("unmasked client frame")),
             (Role::Server, true) => return Err(FrameError::Protocol("masked server frame")),
             _ => {}
+        }
+        match self.rsv {
+            RsvPolicy::Unknown => {}
+            RsvPolicy::NoExtension if rsv != 0 => {
+                return Err(FrameError::Protocol("RSV bit set without an extension"))
+            }
+            RsvPolicy::NoExtension => {}
+            RsvPolicy::Deflate if rsv & 0b011 != 0 => {
+                return Err(FrameError::Protocol("RSV2 or RSV3 set"))
+            }
+            RsvPolicy::Deflate if rsv != 0 && !matches!(opcode, OpCode::Text | OpCode::Binary) => {
+                return Err(FrameError::Protocol(
+                    "RSV1 outside the first frame of a message",
+                ))
+            }
+            RsvPolicy::Deflate => {}
         }
 
         let (payload_len, len_bytes) = match len7 {
@@ -635,6 +691,37 @@ mod tests {
         }
         // The length is judged only once it is all there.
         assert_eq!(parse(&mut server(), &[0x89, 126, 0]), Ok(None));
+    }
+
+    #[test]
+    fn rsv_bits_are_checked_against_the_agreed_extensions() {
+        assert_eq!(RsvPolicy::from_agreed([]), RsvPolicy::NoExtension);
+        assert_eq!(RsvPolicy::from_agreed([""]), RsvPolicy::NoExtension);
+        assert_eq!(
+            RsvPolicy::from_agreed(["permessage-deflate; server_no_context_takeover"]),
+            RsvPolicy::Deflate
+        );
+        assert_eq!(
+            RsvPolicy::from_agreed(["Permessage-Deflate", "x-other"]),
+            RsvPolicy::Unknown
+        );
+        let check = |policy, b0: u8, fragmented: bool| {
+            let mut dec = Decoder::new(Role::Server, NO_PAYLOAD_LIMIT).with_rsv(policy);
+            if fragmented {
+                dec.parse_header(&[0x01, 0]).unwrap().unwrap();
+            }
+            dec.parse_header(&[b0, 0]).map(|h| h.map(|h| h.rsv))
+        };
+        use RsvPolicy::*;
+        assert!(check(NoExtension, 0x81 | 0x40, false).is_err());
+        assert!(check(NoExtension, 0x81 | 0x10, false).is_err());
+        assert_eq!(check(NoExtension, 0x81, false), Ok(Some(0)));
+        assert_eq!(check(Deflate, 0x81 | 0x40, false), Ok(Some(4)));
+        assert_eq!(check(Deflate, 0x82 | 0x40, false), Ok(Some(4)));
+        assert!(check(Deflate, 0x80 | 0x40, true).is_err(), "RSV1 on a continuation");
+        assert!(check(Deflate, 0x89 | 0x40, false).is_err(), "RSV1 on a ping");
+        assert!(check(Deflate, 0x81 | 0x20, false).is_err(), "RSV2");
+        assert_eq!(check(Unknown, 0x81 | 0x70, false), Ok(Some(7)));
     }
 
     #[test]

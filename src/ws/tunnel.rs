@@ -23,7 +23,7 @@ use tokio::time::{Duration, Instant, Sleep};
 use crate::config::{Limits, Rate, Timeouts};
 use crate::metrics;
 use crate::ws::buffer::RelayBuf;
-use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, MAX_CONTROL_FRAME};
+use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, RsvPolicy, MAX_CONTROL_FRAME};
 use crate::ws::keepalive::{Keepalive, KeepaliveAction};
 use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
 use crate::ws::splice::{self, Flow, Pipe, SpliceIo, SPLICE_MIN_FRAME, SPLICE_MIN_REST};
@@ -76,18 +76,30 @@ pub struct TunnelSettings {
     pub max_frame_rate: Option<Rate>,
     /// Large frames between two plain TCP sockets may be spliced (see [`splice`]).
     pub splice: bool,
+    /// The RSV bits the extensions agreed in the 101 allow, both ways.
+    pub rsv: RsvPolicy,
 }
 
 impl TunnelSettings {
-    /// The settings of a new tunnel under the current configuration.
-    /// A route's timeouts, the `[limits]` and the `[runtime] splice` switch in force.
+    /// A route's timeouts, the `[limits]` and the `[runtime] splice` switch in force; no
+    /// extension agreed (see [`TunnelSettings::with_extensions`]).
     pub fn new(timeouts: Timeouts, limits: &Limits, splice: bool) -> Self {
         TunnelSettings {
             timeouts,
             max_frame_size: limits.max_frame_size,
             max_frame_rate: limits.max_frame_rate,
             splice,
+            rsv: RsvPolicy::NoExtension,
         }
+    }
+}
+
+impl TunnelSettings {
+    /// The same settings for a tunnel whose 101 agreed these extensions
+    /// (`Sec-WebSocket-Extensions` values).
+    pub fn with_extensions<'a>(mut self, agreed: impl IntoIterator<Item = &'a str>) -> Self {
+        self.rsv = RsvPolicy::from_agreed(agreed);
+        self
     }
 }
 
@@ -202,11 +214,12 @@ impl Half {
         role: Role,
         max_payload: u64,
         rate: Option<Rate>,
+        rsv: RsvPolicy,
         now: Instant,
     ) -> Self {
         Half {
             direction,
-            decoder: Decoder::new(role, max_payload),
+            decoder: Decoder::new(role, max_payload).with_rsv(rsv),
             buf: None,
             wpos: 0,
             scan: 0,
@@ -846,6 +859,7 @@ where
             Role::Client,
             settings.max_frame_size,
             settings.max_frame_rate,
+            settings.rsv,
             now,
         );
         c2u.prefill(client_early);
@@ -854,6 +868,7 @@ where
             Role::Server,
             u64::MAX,
             None,
+            settings.rsv,
             now,
         );
         u2c.prefill(upstream_early);

@@ -504,6 +504,11 @@ pub fn accept_key(key: &str) -> String {
 
 /// Opens a WebSocket to `addr` at `path` and checks the 101 and its accept key.
 pub async fn connect(addr: SocketAddr, path: &str) -> WsConn {
+    connect_with(addr, path, "").await
+}
+
+/// [`connect`] with extra request header lines (each ending in CRLF), e.g. an extension offer.
+pub async fn connect_with(addr: SocketAddr, path: &str, extra: &str) -> WsConn {
     within("a WebSocket handshake", async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -511,7 +516,7 @@ pub async fn connect(addr: SocketAddr, path: &str) -> WsConn {
         let key = BASE64.encode(rand::random::<[u8; 16]>());
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{extra}\r\n"
         );
         stream
             .write_all(request.as_bytes())
@@ -560,9 +565,13 @@ impl WsUpstream {
                         return;
                     };
                     let key = header(&head, "sec-websocket-key").unwrap_or_default();
+                    // Agrees to whatever extensions the client offered.
+                    let extensions = header(&head, "sec-websocket-extensions")
+                        .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
+                        .unwrap_or_default();
                     let answer = format!(
                         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
-                         Upgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                         Upgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n{extensions}\r\n",
                         accept_key(key)
                     );
                     if stream.write_all(answer.as_bytes()).await.is_ok() {
