@@ -973,3 +973,73 @@ upstream = "raw"
     }
     assert!(wsgate.running(), "{}", wsgate.log());
 }
+
+/// Opens a WebSocket on the builtin echo route of `addr` with a raw socket.
+async fn raw_echo_socket(addr: SocketAddr) -> TcpStream {
+    let mut stream = within("a connection", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(&http_request(
+            "GET",
+            "/echo",
+            &support::ws_headers("echo.test"),
+        ))
+        .await
+        .expect("send the upgrade");
+    let mut head = Vec::new();
+    within("the 101", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.expect("read the answer");
+            head.push(byte[0]);
+        }
+    })
+    .await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+#[tokio::test]
+async fn the_access_log_says_how_the_client_side_ended() {
+    let wsgate = Wsgate::start(
+        "[routes.echo]\npath = \"/echo\"\nbuiltin = \"echo\"\n",
+        None,
+    )
+    .await;
+    // A client that closes with a close frame, then one that resets its socket.
+    let mut polite = raw_echo_socket(wsgate.public).await;
+    polite
+        .write_all(&wsraw::client_close(1000, "bye"))
+        .await
+        .expect("send a close");
+    let mut rest = Vec::new();
+    within("the echo's close and EOF", polite.read_to_end(&mut rest))
+        .await
+        .expect("read to the end");
+    let rude = raw_echo_socket(wsgate.public).await;
+    rude.set_zero_linger().expect("SO_LINGER 0");
+    drop(rude);
+
+    let lines = within("two access-log lines", async {
+        loop {
+            let log = wsgate.log();
+            let lines: Vec<String> = log
+                .lines()
+                .filter(|l| l.contains("websocket closed"))
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= 2 {
+                return lines;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    assert!(lines[0].contains("client_end=\"close\""), "{}", lines[0]);
+    assert!(lines[1].contains("client_end=\"reset\""), "{}", lines[1]);
+}

@@ -718,8 +718,14 @@ mod tests {
         assert_eq!(check(NoExtension, 0x81, false), Ok(Some(0)));
         assert_eq!(check(Deflate, 0x81 | 0x40, false), Ok(Some(4)));
         assert_eq!(check(Deflate, 0x82 | 0x40, false), Ok(Some(4)));
-        assert!(check(Deflate, 0x80 | 0x40, true).is_err(), "RSV1 on a continuation");
-        assert!(check(Deflate, 0x89 | 0x40, false).is_err(), "RSV1 on a ping");
+        assert!(
+            check(Deflate, 0x80 | 0x40, true).is_err(),
+            "RSV1 on a continuation"
+        );
+        assert!(
+            check(Deflate, 0x89 | 0x40, false).is_err(),
+            "RSV1 on a ping"
+        );
         assert!(check(Deflate, 0x81 | 0x20, false).is_err(), "RSV2");
         assert_eq!(check(Unknown, 0x81 | 0x70, false), Ok(Some(7)));
     }

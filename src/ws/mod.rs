@@ -119,6 +119,8 @@ fn access_log(record: &ConnRecord, outcome: &Outcome) {
         closed_by = outcome.initiator.label(),
         close_code = outcome.code.map(u64::from),
         close_reason = outcome.reason.as_str(),
+        client_end = outcome.client_end.label(),
+        upstream_end = outcome.upstream_end.label(),
         "websocket closed"
     );
 }

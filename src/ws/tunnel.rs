@@ -66,6 +66,40 @@ pub struct Outcome {
     pub reason: String,
     pub pong_timeouts: u64,
     pub idle_timeouts: u64,
+    /// How the client's side ended, then the upstream's.
+    pub client_end: SideEnd,
+    pub upstream_end: SideEnd,
+}
+
+/// How one side of a tunnel ended, for the access log: an operator can tell a client's
+/// reset from a NAT's silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SideEnd {
+    /// It sent a close frame.
+    Close,
+    /// It closed its socket without a close frame.
+    Eof,
+    /// Its socket failed (a reset).
+    Reset,
+    /// It broke the protocol (or a limit) and wsgate closed it.
+    Protocol,
+    /// It went silent: a ping or idle timeout.
+    Timeout,
+    /// Neither: wsgate ended it (an operator, a drain, the other side, a close wait).
+    Closed,
+}
+
+impl SideEnd {
+    pub fn label(self) -> &'static str {
+        match self {
+            SideEnd::Close => "close",
+            SideEnd::Eof => "eof",
+            SideEnd::Reset => "reset",
+            SideEnd::Protocol => "protocol",
+            SideEnd::Timeout => "timeout",
+            SideEnd::Closed => "closed",
+        }
+    }
 }
 
 /// Per-connection settings, fixed when the tunnel starts.
@@ -164,6 +198,8 @@ struct Half {
     src_dropped: bool,
     /// `src` reached EOF or failed.
     src_eof: bool,
+    /// `src` failed with an error (a reset) rather than an orderly end.
+    src_reset: bool,
     /// `src` broke the protocol or a limit.
     violation: Option<Violation>,
     /// Bytes read past the handshake that did not fit the first buffer (rare: boxed).
@@ -234,6 +270,7 @@ impl Half {
             src_dropped: false,
             src_eof: false,
             violation: None,
+            src_reset: false,
             early: None,
             unflushed_bytes: 0,
             unflushed_spliced: 0,
@@ -488,6 +525,7 @@ impl Half {
                 true
             }
             Poll::Ready(Err(_)) => {
+                self.src_reset = true;
                 self.end_of_input();
                 true
             }
@@ -560,7 +598,12 @@ impl Half {
                 SpliceStep::Progress
             }
             Poll::Pending => SpliceStep::Pending,
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+            Poll::Ready(Ok(0)) => {
+                self.end_of_input();
+                SpliceStep::Progress
+            }
+            Poll::Ready(Err(_)) => {
+                self.src_reset = true;
                 self.end_of_input();
                 SpliceStep::Progress
             }
@@ -1172,12 +1215,36 @@ where
 
     fn outcome(&self) -> Outcome {
         let (initiator, code, reason) = self.first_close.unwrap_or((Initiator::Proxy, None, ""));
+        // Which sides went silent: a ping timeout names one, an idle timeout both.
+        let (client_silent, upstream_silent) = match reason {
+            "ping timeout" => (true, false),
+            "upstream unresponsive" => (false, true),
+            "idle timeout" => (true, true),
+            _ => (false, false),
+        };
+        let end = |half: &Half, timed_out: bool| {
+            if half.src_close.is_some() {
+                SideEnd::Close
+            } else if half.violation.is_some() {
+                SideEnd::Protocol
+            } else if half.src_reset {
+                SideEnd::Reset
+            } else if half.src_eof && !timed_out {
+                SideEnd::Eof
+            } else if timed_out {
+                SideEnd::Timeout
+            } else {
+                SideEnd::Closed
+            }
+        };
         Outcome {
             initiator,
             code,
             reason: reason.to_string(),
             pong_timeouts: self.pong_timeouts,
             idle_timeouts: self.idle_timeouts,
+            client_end: end(&self.c2u, client_silent),
+            upstream_end: end(&self.u2c, upstream_silent),
         }
     }
 
