@@ -538,3 +538,23 @@ async fn host_header_decides_what_the_upstream_sees() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_refused_upgrade_ends_its_connection_so_nothing_after_it_goes_unchecked() {
+    let mut world = World::new("", "").await;
+    let mut client = RawClient::connect(world.addr()).await;
+    // A version wsgate refuses (426), then a smuggling attempt on the same connection.
+    let mut refused = support::ws_headers(PUBLIC);
+    support::set_header(&mut refused, "Sec-WebSocket-Version", "8");
+    client.send(&get("/public/ws", &refused)).await;
+    client
+        .send(b"POST /public/x HTTP/1.1\r\nHost: public.example\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await;
+    let response = client.read_response().await;
+    assert_eq!(response.status, 426, "{response:?}");
+    assert_eq!(response.header("connection"), Some("close"));
+    let (rest, ended) = client.read_until_closed().await;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert_eq!(ended, Ended::Eof);
+    assert!(world.recorded_before_sentinel(Rec::Public).await.is_empty());
+}

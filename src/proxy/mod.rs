@@ -112,6 +112,16 @@ pub async fn handle(
         }
     };
     count(&route, upgrade, &response, handshake_result, started);
+    let mut response = response;
+    if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The head gate stops following the stream once a request asks for an upgrade
+        // (what follows a 101 is not HTTP), so a refused upgrade ends the connection too:
+        // no request after it goes unchecked.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     Ok(response)
 }
 
