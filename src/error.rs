@@ -46,6 +46,27 @@ impl HeadRefusal {
     }
 }
 
+/// What was wrong with an upstream's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Broken {
+    #[error(transparent)]
+    Head(#[from] crate::proxy::upgrade::HeadError),
+    #[error("answered 101 with a wrong Sec-WebSocket-Accept")]
+    WrongAccept,
+    #[error("closed a new connection at once")]
+    ClosedAtOnce,
+    #[error(transparent)]
+    Http(hyper::Error),
+}
+
+/// "SERVER " before a broken answer's problem, when the server is known.
+fn server_prefix(server: &Option<std::sync::Arc<str>>) -> String {
+    server
+        .as_deref()
+        .map(|s| format!("{s} "))
+        .unwrap_or_default()
+}
+
 /// Every way a request or handshake can be refused by wsgate.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -68,14 +89,24 @@ pub enum ProxyError {
     Limited(crate::limits::Refusal),
     #[error("upstream {upstream:?} has no healthy server")]
     NoHealthyUpstream { upstream: String },
-    #[error("upstream {upstream:?} refused the connection: {reason}")]
-    UpstreamConnect { upstream: String, reason: String },
+    #[error("upstream {upstream:?} refused the connection: {source}")]
+    UpstreamConnect {
+        upstream: String,
+        #[source]
+        source: crate::upstream::ConnectError,
+    },
     #[error("upstream {upstream:?} did not accept the connection within {timeout_ms} ms")]
     UpstreamConnectTimeout { upstream: String, timeout_ms: u128 },
     #[error("upstream {upstream:?} did not answer within {timeout_ms} ms")]
     UpstreamTimeout { upstream: String, timeout_ms: u128 },
-    #[error("upstream {upstream:?} sent a broken answer: {reason}")]
-    UpstreamBroken { upstream: String, reason: String },
+    #[error("upstream {upstream:?} sent a broken answer: {}{source}", server_prefix(.server))]
+    UpstreamBroken {
+        upstream: String,
+        /// The server that answered, when known.
+        server: Option<std::sync::Arc<str>>,
+        #[source]
+        source: Broken,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -163,5 +194,41 @@ impl ProxyError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+    use crate::proxy::upgrade::HeadError;
+
+    #[test]
+    fn upstream_errors_keep_their_source() {
+        let e = ProxyError::UpstreamBroken {
+            upstream: "chat".into(),
+            server: Some("127.0.0.1:9001".into()),
+            source: HeadError::Truncated.into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "upstream \"chat\" sent a broken answer: 127.0.0.1:9001 closed the connection in the middle of its response head"
+        );
+        let source = e.source().expect("a source");
+        assert!(matches!(
+            source.downcast_ref::<Broken>(),
+            Some(Broken::Head(HeadError::Truncated))
+        ));
+        let e = ProxyError::UpstreamBroken {
+            upstream: "chat".into(),
+            server: None,
+            source: Broken::WrongAccept,
+        };
+        assert_eq!(
+            e.to_string(),
+            "upstream \"chat\" sent a broken answer: answered 101 with a wrong Sec-WebSocket-Accept"
+        );
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
     }
 }

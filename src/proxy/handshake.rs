@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use crate::config::Balance;
-use crate::error::ProxyError;
+use crate::error::{Broken, ProxyError};
 use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
@@ -142,9 +142,10 @@ pub async fn forward(
     let request_head = upgrade::encode_request(&target, &headers);
     drop(headers);
     // Every way the upstream's answer can be unusable: 502 naming the server and the problem.
-    let broken = |problem: &dyn std::fmt::Display| ProxyError::UpstreamBroken {
+    let broken = |problem: Broken| ProxyError::UpstreamBroken {
         upstream: upstream.name.to_string(),
-        reason: format!("{} {problem}", server.label),
+        server: Some(server.label.clone()),
+        source: problem,
     };
 
     let exchange = async {
@@ -154,7 +155,7 @@ pub async fn forward(
     };
     let head = match tokio::time::timeout(timeouts.upstream_handshake, exchange).await {
         Ok(Ok(head)) => head,
-        Ok(Err(e)) => return Err(broken(&e)),
+        Ok(Err(e)) => return Err(broken(e.into())),
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
                 upstream: upstream.name.to_string(),
@@ -170,7 +171,7 @@ pub async fn forward(
 
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Relayed as is: the upstream refused (401, 403, 404, ...) and the client should see why.
-        let framing = upgrade::framing(status, &headers).map_err(|e| broken(&e))?;
+        let framing = upgrade::framing(status, &headers).map_err(|e| broken(e.into()))?;
         if headers.contains_key(header::TRANSFER_ENCODING) {
             headers.remove(header::CONTENT_LENGTH);
         }
@@ -187,7 +188,7 @@ pub async fn forward(
     let expected = accept_key(key.as_bytes());
     let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|a| a.as_bytes()) != Some(expected.as_bytes()) {
-        return Err(broken(&"answered 101 with a wrong Sec-WebSocket-Accept"));
+        return Err(broken(Broken::WrongAccept));
     }
 
     // Frames the upstream sent right behind its 101 (rare): handed to the tunnel first.

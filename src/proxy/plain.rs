@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::config::Balance;
-use crate::error::ProxyError;
+use crate::error::{Broken, ProxyError};
 use crate::gateway::{ConnContext, Route};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::{self, ClientInfo};
@@ -62,7 +62,8 @@ pub async fn forward(
             Err(SendError::Unsent(_)) => {
                 return Err(ProxyError::UpstreamBroken {
                     upstream: upstream.name.to_string(),
-                    reason: format!("{} closed a new connection at once", server.label),
+                    server: Some(server.label.clone()),
+                    source: Broken::ClosedAtOnce,
                 })
             }
             Err(SendError::Failed(e)) => return Err(e),
@@ -80,7 +81,7 @@ pub fn connect_failure(upstream: &Upstream, last: Option<ConnectError>) -> Proxy
         },
         Some(e) => ProxyError::UpstreamConnect {
             upstream: upstream.name.to_string(),
-            reason: e.to_string(),
+            source: e,
         },
         None => ProxyError::NoHealthyUpstream {
             upstream: upstream.name.to_string(),
@@ -159,7 +160,8 @@ async fn send(
             Some(req) => Err(SendError::Unsent(req)),
             None => Err(SendError::Failed(ProxyError::UpstreamBroken {
                 upstream: upstream.name.to_string(),
-                reason: e.into_error().to_string(),
+                server: None,
+                source: Broken::Http(e.into_error()),
             })),
         },
         Err(_) => Err(SendError::Failed(ProxyError::UpstreamTimeout {
