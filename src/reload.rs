@@ -61,7 +61,7 @@ impl Reloader {
 
     /// Re-reads the file. On success returns notes about what could not change without a
     /// restart (listener addresses); on failure returns the error text and changes nothing.
-    pub fn reload(&self) -> Result<Vec<String>, String> {
+    pub fn reload(&self) -> Result<Vec<String>, ReloadError> {
         let _one_at_a_time = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.try_reload();
         self.shared.metrics.config_reload(result.is_ok());
@@ -79,14 +79,17 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<Vec<String>, String> {
-        let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+    fn try_reload(&self) -> Result<Vec<String>, ReloadError> {
+        let config = Config::load(&self.path)?;
         // Build every certificate store first, so a failure leaves everything as it was.
         let mut new_tls = Vec::new();
         for l in &config.listeners {
             if let (Some(tls), Some(store)) = (&l.tls, self.tls.get(&l.name)) {
-                let server_config = listener::tls::server_config(tls)
-                    .map_err(|e| format!("listener {}: TLS setup failed: {e}", l.name))?;
+                let server_config =
+                    listener::tls::server_config(tls).map_err(|source| ReloadError::Tls {
+                        listener: l.name.clone(),
+                        source,
+                    })?;
                 new_tls.push((store, server_config));
             }
         }
@@ -126,4 +129,18 @@ impl Reloader {
         self.shared.gateway.store(Arc::new(gateway));
         Ok(notes)
     }
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is unreadable or invalid (every problem, `file:line:col: message`).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("listener {listener}: TLS setup failed: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: rustls::Error,
+    },
 }

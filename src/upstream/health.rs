@@ -33,7 +33,7 @@ pub fn spawn_checks(upstream: &Arc<Upstream>, check: &HealthCheck, stop: &Cancel
                 let server = &upstream.servers[index];
                 let result = tokio::time::timeout(check.timeout, probe(&upstream, server, &check))
                     .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)));
+                    .unwrap_or(Err(ProbeError::Timeout(check.timeout)));
                 let healthy = server.is_healthy();
                 match result {
                     Ok(()) => {
@@ -59,21 +59,19 @@ pub fn spawn_checks(upstream: &Arc<Upstream>, check: &HealthCheck, stop: &Cancel
 }
 
 /// One check: a fresh connection (TLS if the upstream uses it), `GET path`, 2xx or 3xx.
-async fn probe(upstream: &Upstream, server: &Server, check: &HealthCheck) -> Result<(), String> {
-    let stream = upstream
-        .connect(server, check.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn probe(
+    upstream: &Upstream,
+    server: &Server,
+    check: &HealthCheck,
+) -> Result<(), ProbeError> {
+    let stream = upstream.connect(server, check.timeout).await?;
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let mut request = Request::get(check.path.as_str())
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+    let mut request = Request::get(check.path.as_str()).body(Empty::new())?;
     if let Ok(host) = HeaderValue::from_str(&server.label) {
         request.headers_mut().insert(header::HOST, host);
     }
@@ -81,16 +79,28 @@ async fn probe(upstream: &Upstream, server: &Server, check: &HealthCheck) -> Res
         header::USER_AGENT,
         HeaderValue::from_static("wsgate-health-check"),
     );
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await?;
     let status = response.status();
     if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
-        Err(format!("answered {status}"))
+        Err(ProbeError::Status(status))
     }
+}
+
+/// Why one health check failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Connect(#[from] super::ConnectError),
+    #[error("HTTP exchange failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("bad check request: {0}")]
+    Request(#[from] http::Error),
+    #[error("answered {0}")]
+    Status(http::StatusCode),
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl Server {
