@@ -63,7 +63,14 @@ async fn record(mut stream: TcpStream, tx: mpsc::UnboundedSender<String>) {
             }
             let mut chunk = [0u8; 16384];
             match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    // Bytes that never became a head (a cut-off request, stray body bytes)
+                    // were still sent to the upstream: record them too.
+                    if !buf.is_empty() {
+                        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+                    }
+                    return;
+                }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         };
@@ -128,11 +135,14 @@ enum Rec {
 enum Seen {
     /// Nothing (checked on both recorders).
     Nothing,
-    /// Exactly one request with this request line and `Host` ("" = one `Host`, any value).
+    /// Exactly one request with this request line and `Host` ("" = one `Host`, any value),
+    /// each `(header, phrase)` of `also` present once with a value containing the phrase,
+    /// and nothing at the other recorder.
     Request {
         rec: Rec,
         line: &'static str,
         host: &'static str,
+        also: &'static [(&'static str, &'static str)],
     },
 }
 
@@ -140,7 +150,8 @@ struct Case {
     name: &'static str,
     request: Vec<u8>,
     status: u16,
-    /// A phrase the answer's body must contain ("" for upstream answers).
+    /// A phrase the answer's body must contain; "" for answers that are not wsgate's own
+    /// (an upstream's, or hyper's empty 400 for a head it cannot parse).
     body: &'static str,
     seen: Seen,
 }
@@ -166,10 +177,30 @@ fn get(target: &str, headers: &[(&str, &str)]) -> Vec<u8> {
 }
 
 fn forwarded(rec: Rec, line: &'static str, host: &'static str) -> Seen {
-    Seen::Request { rec, line, host }
+    forwarded_with(rec, line, host, &[])
+}
+
+fn forwarded_with(
+    rec: Rec,
+    line: &'static str,
+    host: &'static str,
+    also: &'static [(&'static str, &'static str)],
+) -> Seen {
+    Seen::Request {
+        rec,
+        line,
+        host,
+        also,
+    }
 }
 
 const PUBLIC: &str = "public.example";
+
+/// What the admin upstream must see besides `Host` when the authority came from the target.
+const ABSOLUTE_FORM_FORWARDING: &[(&str, &str)] = &[
+    ("X-Forwarded-Host", "admin.internal"),
+    ("Forwarded", "host=admin.internal"),
+];
 
 fn upgrade(target: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let mut headers = support::ws_headers(PUBLIC);
@@ -274,10 +305,15 @@ upstream = "rec2"
         client.send(&get(target, &[("Host", host)])).await;
         let response = client.read_response().await;
         assert_eq!(response.status, 200, "the sentinel: {response:?}");
+        let sentinel = format!("GET {target} HTTP/1.1\r\n");
         let mut before = Vec::new();
         loop {
             let head = self.recorder(rec).next("the sentinel").await;
-            if head.starts_with(&format!("GET {target} ")) {
+            if let Some(at) = head.find(&sentinel) {
+                // Stray bytes sent ahead of the sentinel on the same connection.
+                if at > 0 {
+                    before.push(head[..at].to_string());
+                }
                 return before;
             }
             before.push(head);
@@ -305,10 +341,21 @@ upstream = "rec2"
                 case.body
             ));
         }
-        if (400..500).contains(&response.status) && response.status != 404 {
+        // A case that names a phrase expects wsgate's own refusal: one line, and a 400 says
+        // which kind of bad it is before the phrase.
+        if (400..500).contains(&response.status) && !case.body.is_empty() {
             let body = response.body_text();
-            if body.trim_end().contains('\n') {
+            if !body.ends_with('\n') || body.trim_end().contains('\n') {
                 problems.push(format!("the reason is not one line: {body:?}"));
+            }
+            if response.status == 400
+                && !body.starts_with("bad request: ")
+                && !body.starts_with("bad WebSocket handshake: ")
+            {
+                problems.push(format!(
+                    "a 400 whose reason starts with neither \"bad request\" nor \"bad WebSocket \
+                     handshake\": {body:?}"
+                ));
             }
         }
         match case.seen {
@@ -320,7 +367,20 @@ upstream = "rec2"
                     }
                 }
             }
-            Seen::Request { rec, line, host } => {
+            Seen::Request {
+                rec,
+                line,
+                host,
+                also,
+            } => {
+                let other = match rec {
+                    Rec::Public => Rec::Admin,
+                    Rec::Admin => Rec::Public,
+                };
+                let stray = self.recorded_before_sentinel(other).await;
+                if !stray.is_empty() {
+                    problems.push(format!("{other:?} received {stray:?}"));
+                }
                 let mut seen = self.recorded_before_sentinel(rec).await;
                 if seen.len() != 1 {
                     problems.push(format!("{rec:?} received {} heads: {seen:?}", seen.len()));
@@ -338,6 +398,20 @@ upstream = "rec2"
                     let values: Vec<_> = hosts.iter().filter_map(value).collect();
                     if values.len() != 1 || (!host.is_empty() && values[0] != host) {
                         problems.push(format!("forwarded Host lines {hosts:?}, want {host:?}"));
+                    }
+                    for (name, phrase) in also {
+                        let lines: Vec<_> = head
+                            .split("\r\n")
+                            .filter(|l| {
+                                l.split_once(':')
+                                    .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+                            })
+                            .collect();
+                        if lines.len() != 1 || !lines[0].contains(phrase) {
+                            problems.push(format!(
+                                "forwarded {name} lines {lines:?}, want one containing {phrase:?}"
+                            ));
+                        }
                     }
                 }
             }
@@ -383,9 +457,12 @@ async fn hostile_heads_get_the_right_answer_and_reach_no_upstream() {
         case("Host empty", get("/public/x", &[("Host", "")]), 400, "invalid Host header", nothing),
         case("Host empty label", get("/public/x", &[("Host", "a..b")]), 400, "invalid Host header", nothing),
         // Absolute form: the authority replaces Host.
-        case("absolute-form routes by its authority", get("http://admin.internal/x", &h), 200, "ok", forwarded(Admin, "GET /x", "admin.internal")),
+        case("absolute-form routes by its authority", get("http://admin.internal/x", &h), 200, "ok", forwarded_with(Admin, "GET /x", "admin.internal", ABSOLUTE_FORM_FORWARDING)),
         case("absolute-form with a port", get("http://admin.internal:8080/y?q=1", &h), 200, "ok", forwarded(Admin, "GET /y?q=1", "admin.internal:8080")),
-        case("absolute-form with user info", get("http://u@admin.internal/x", &h), 400, "bad request", nothing),
+        case("absolute-form with user info", get("http://u@admin.internal/x", &h), 400, "invalid host in the request target", nothing),
+        case("absolute-form port too large", get("http://admin.internal:99999/x", &h), 400, "invalid host in the request target", nothing),
+        case("absolute-form empty port", get("http://admin.internal:/x", &h), 400, "invalid host in the request target", nothing),
+        case("absolute-form empty label", get("http://admin..internal/x", &h), 400, "invalid host in the request target", nothing),
         // Paths.
         case("dot-dot", get("/public/../secret", &h), 404, "\"/secret\"", nothing),
         case("encoded dot-dot", get("/public/%2e%2e/secret", &h), 404, "\"/secret\"", nothing),
@@ -417,7 +494,7 @@ async fn hostile_heads_get_the_right_answer_and_reach_no_upstream() {
         // Smuggling.
         case("Content-Length then Transfer-Encoding", &b"POST /public/x HTTP/1.1\r\nHost: public.example\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..], 400, "both Content-Length and Transfer-Encoding", nothing),
         case("Transfer-Encoding then Content-Length", &b"POST /public/x HTTP/1.1\r\nHost: public.example\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"[..], 400, "both Content-Length and Transfer-Encoding", nothing),
-        case("two different Content-Length", &b"POST /public/x HTTP/1.1\r\nHost: public.example\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..], 400, "", nothing),
+        case("two different Content-Length", &b"POST /public/x HTTP/1.1\r\nHost: public.example\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..], 400, "more than one Content-Length header", nothing),
         case("obs-fold", &b"GET /public/x HTTP/1.1\r\nHost: public.example\r\nX-A: a\r\n  folded\r\n\r\n"[..], 400, "", nothing),
         case("upgrade with a body", upgrade("/public/ws", &[("Content-Length", "3")]).into_iter().chain(*b"abc").collect::<Vec<u8>>(), 400, "must not have a body", nothing),
     ];
@@ -464,14 +541,23 @@ async fn configured_head_limits_hold_at_both_bounds() {
 #[tokio::test]
 async fn a_refused_head_closes_the_connection_after_its_answer() {
     let world = World::new("", "").await;
-    let mut client = RawClient::connect(world.addr()).await;
-    client.send(&head_of(65537, 3)).await;
-    let response = client.read_response().await;
-    assert_eq!(response.status, 431);
-    assert_eq!(response.header("connection"), Some("close"));
-    let (rest, ended) = client.read_until_closed().await;
-    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    assert_eq!(ended, Ended::Eof);
+    for (what, request) in [
+        ("too large", head_of(65537, 3)),
+        ("too many lines", head_of(2000, 101)),
+    ] {
+        let mut client = RawClient::connect(world.addr()).await;
+        client.send(&request).await;
+        let response = client.read_response().await;
+        assert_eq!(response.status, 431, "{what}: {response:?}");
+        assert_eq!(response.header("connection"), Some("close"), "{what}");
+        let (rest, ended) = client.read_until_closed().await;
+        assert!(
+            rest.is_empty(),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        assert_eq!(ended, Ended::Eof, "{what}");
+    }
 }
 
 #[tokio::test]
