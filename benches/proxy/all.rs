@@ -98,7 +98,7 @@ pub struct Opts {
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
-enum Sched {
+pub(crate) enum Sched {
     Normal = 0,
     Nice = 1,
     Fifo = 2,
@@ -111,12 +111,26 @@ const FIFO_PRIORITY: i32 = 10;
 /// Nice value for `--sched nice`.
 const NICE_VALUE: i32 = -10;
 
-/// The `--sched` choice; set once in `run`, read between fork and exec.
+/// The `--sched` choice; set once by [`set_sched`], read between fork and exec (and by the
+/// in-process load of `slowloris`).
 static SCHED: AtomicI32 = AtomicI32::new(0);
 
-/// In a child between fork and exec: apply [`SCHED`] (failure, e.g. without root, is
-/// ignored: the run is then only noisier).
-fn apply_sched() {
+/// Sets the `--sched` choice for every process started from now on (and for
+/// [`apply_sched`]); says so when it slows the rest of the machine down.
+pub(crate) fn set_sched(sched: Sched) {
+    SCHED.store(sched as i32, Ordering::Relaxed);
+    if sched == Sched::Fifo {
+        eprintln!(
+            "measured processes run at SCHED_FIFO {FIFO_PRIORITY}: other work on this machine \
+             slows down while a workload runs (--sched nice to be gentler)"
+        );
+    }
+}
+
+/// In a child between fork and exec, or in the harness itself for its in-process load: apply
+/// [`SCHED`] to the calling thread (failure, e.g. without root, is ignored: the run is then
+/// only noisier).
+pub(crate) fn apply_sched() {
     let sched = SCHED.load(Ordering::Relaxed);
     // SAFETY: setpriority and sched_setscheduler are async-signal-safe system calls.
     unsafe {
@@ -214,7 +228,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     unsafe { libc::_exit(130) }
 }
 
-fn install_signal_handlers() {
+pub(crate) fn install_signal_handlers() {
     // SAFETY: the handler only calls async-signal-safe functions.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -223,7 +237,7 @@ fn install_signal_handlers() {
 }
 
 /// A started process in its own process group (so nginx's worker goes with its master).
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
     slot: Option<usize>,
@@ -231,7 +245,7 @@ struct Proc {
 
 impl Proc {
     /// Starts `program args` pinned to `cpu` with `taskset`, output to `log`.
-    fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         cpu: usize,
         program: &Path,
@@ -271,7 +285,7 @@ impl Proc {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -288,7 +302,12 @@ impl Proc {
 
     /// Waits until `port` accepts connections (and, with `workers`, until the process has a
     /// child). Errors if the process exits first or the time runs out.
-    fn wait_ready(&mut self, port: u16, workers: bool, log: &Path) -> anyhow::Result<()> {
+    pub(crate) fn wait_ready(
+        &mut self,
+        port: u16,
+        workers: bool,
+        log: &Path,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.exited() {
@@ -317,7 +336,7 @@ impl Proc {
     }
 
     /// SIGTERM to the group, then SIGKILL after [`STOP_GRACE`].
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let pgid = self.pid() as i32;
         if !self.exited() {
             // SAFETY: signalling our own child's process group.
@@ -354,7 +373,7 @@ fn last_lines(path: &Path, n: usize) -> String {
 }
 
 /// A free loopback port (bound and released; nothing else here races for ports).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
@@ -491,13 +510,7 @@ struct Plan {
 pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     install_signal_handlers();
     crate::ws::self_check()?;
-    SCHED.store(opts.sched as i32, Ordering::Relaxed);
-    if opts.sched == Sched::Fifo {
-        eprintln!(
-            "measured processes run at SCHED_FIFO {FIFO_PRIORITY}: other work on this machine \
-             slows down while a workload runs (--sched nice to be gentler)"
-        );
-    }
+    set_sched(opts.sched);
     let nofile = sys::raise_nofile();
     let plan = if opts.quick {
         Plan {

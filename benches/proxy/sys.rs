@@ -1,5 +1,5 @@
-//! What the harness asks Linux: CPU time and RSS of a process from /proc, the open-file
-//! limit, timer slack.
+//! What the harness asks Linux: CPU time, RSS and open descriptors of a process from /proc,
+//! the open-file limit, timer slack, CPU pinning.
 
 use std::fs;
 use std::io;
@@ -80,6 +80,26 @@ pub fn rss_kib(pid: u32) -> io::Result<u64> {
         }
     }
     Err(io::Error::other("no VmRSS line"))
+}
+
+/// Open file descriptors of a process (its sockets, once accepted, among them).
+pub fn fd_count(pid: u32) -> io::Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Pins the calling thread (and the threads it starts later) to one CPU, as `taskset -c`
+/// does for the processes the harness starts.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data (all zeroes is the empty set); CPU_SET indexes it with
+    // a bounds check, and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Direct children of `pid` (nginx's worker under its master).
