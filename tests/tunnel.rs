@@ -547,37 +547,24 @@ async fn a_peer_lost_mid_frame_ends_the_other_side_at_once() {
     let mut gate = Gate::start(&[("close", "30s")], &[("max_frame_size", "1MiB")]).await;
 
     // The upstream dies after 100 bytes of a 1000-byte frame.
-    let (mut client, mut upstream) = gate.open().await;
-    let frame = server_frame(op::BINARY, &[7u8; 1000]);
-    let header_len = frame.len() - 1000;
-    upstream.send(&frame[..header_len + 100]).await;
-    let got = client
-        .bytes(header_len + 100, "the start of the frame")
-        .await;
-    assert_eq!(got, frame[..header_len + 100]);
-    let started = Instant::now();
-    drop(upstream);
-    let (rest, ended) = client.until_eof("the client connection to end").await;
-    assert!(rest.is_empty(), "{rest:?}");
-    assert_eq!(ended, Ended::Eof);
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
+    let (client, upstream) = gate.open().await;
+    lose_mid_frame(upstream, client, server_frame(op::BINARY, &[7u8; 1000])).await;
 
     // The client dies after 100 bytes of a 1000-byte frame.
-    let (mut client, mut upstream) = gate.open().await;
-    let frame = client_frame(op::BINARY, &[9u8; 1000]);
-    let header_len = frame.len() - 1000;
-    client.send(&frame[..header_len + 100]).await;
-    let got = upstream
-        .bytes(header_len + 100, "the start of the frame")
-        .await;
-    assert_eq!(got, frame[..header_len + 100]);
+    let (client, upstream) = gate.open().await;
+    lose_mid_frame(client, upstream, client_frame(op::BINARY, &[9u8; 1000])).await;
+}
+
+/// `lost` sends the header and 100 payload bytes of `frame` (1000-byte payload), then
+/// vanishes; `other` gets exactly those bytes, then its end of the stream within 3 s.
+async fn lose_mid_frame(mut lost: WsConn, mut other: WsConn, frame: Vec<u8>) {
+    let sent = frame.len() - 1000 + 100;
+    lost.send(&frame[..sent]).await;
+    let got = other.bytes(sent, "the start of the frame").await;
+    assert_eq!(got, frame[..sent]);
     let started = Instant::now();
-    drop(client);
-    let (rest, ended) = upstream.until_eof("the upstream connection to end").await;
+    drop(lost);
+    let (rest, ended) = other.until_eof("the other connection to end").await;
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(ended, Ended::Eof);
     assert!(
