@@ -41,6 +41,7 @@ pub struct Metrics {
     bytes_total: IntCounterVec,
     spliced_bytes_total: IntCounterVec,
     closes_total: IntCounterVec,
+    undeliverable_frames_total: IntCounterVec,
     pings_sent_total: IntCounterVec,
     pong_timeouts_total: IntCounterVec,
     idle_timeouts_total: IntCounterVec,
@@ -186,6 +187,11 @@ impl Metrics {
                 "Ended WebSocket connections by who closed first and the close code.",
                 &["route", "initiator", "code"],
             ),
+            undeliverable_frames_total: counter(
+                "undeliverable_frames_total",
+                "Frames a peer sent after wsgate's close had gone to the other side: read and dropped.",
+                &["route", "direction"],
+            ),
             pings_sent_total: counter("pings_sent_total", "Keepalive pings sent by wsgate.", &["route"]),
             pong_timeouts_total: counter(
                 "pong_timeouts_total",
@@ -248,6 +254,7 @@ impl Metrics {
             Box::new(m.bytes_total.clone()),
             Box::new(m.spliced_bytes_total.clone()),
             Box::new(m.closes_total.clone()),
+            Box::new(m.undeliverable_frames_total.clone()),
             Box::new(m.pings_sent_total.clone()),
             Box::new(m.pong_timeouts_total.clone()),
             Box::new(m.idle_timeouts_total.clone()),
@@ -300,6 +307,10 @@ impl Metrics {
             bytes: [c2u_bytes, u2c_bytes],
             spliced_bytes: [c2u_spliced, u2c_spliced],
             frames: [c2u_frames, u2c_frames],
+            undeliverable: [Direction::ClientToUpstream, Direction::UpstreamToClient].map(|d| {
+                self.undeliverable_frames_total
+                    .with_label_values(&[route, d.label()])
+            }),
             pings_sent: self.pings_sent_total.with_label_values(&[route]),
             pong_timeouts: self.pong_timeouts_total.with_label_values(&[route]),
             idle_timeouts: self.idle_timeouts_total.with_label_values(&[route]),
@@ -355,6 +366,8 @@ pub struct RouteMetrics {
     pub spliced_bytes: [IntCounter; 2],
     /// Indexed by [`direction_index`], then opcode position in [`OPCODES`].
     pub frames: [[IntCounter; 6]; 2],
+    /// Indexed by [`direction_index`]: frames dropped after wsgate's close went the other way.
+    pub undeliverable: [IntCounter; 2],
     pub pings_sent: IntCounter,
     pub pong_timeouts: IntCounter,
     pub idle_timeouts: IntCounter,

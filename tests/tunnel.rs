@@ -574,6 +574,82 @@ async fn lose_mid_frame(mut lost: WsConn, mut other: WsConn, frame: Vec<u8>) {
     );
 }
 
+/// While one side does not read, wsgate stops reading the other (backpressure), so a
+/// reset of that other peer cannot show up as a read error. wsgate asks the socket's
+/// readiness instead, once a second: the reset is noticed within a second, not by the next
+/// keepalive ping (300 s here), and the tunnel ends `timeouts.close` (1 s) plus the 2 s
+/// linger later.
+#[tokio::test]
+async fn a_peer_reset_while_the_other_side_stalls_is_noticed_within_a_second() {
+    let mut gate = Gate::start(
+        &[("ping_interval", "300s"), ("close", "1s")],
+        &[("max_frame_size", "1MiB")],
+    )
+    .await;
+    let (client, upstream) = gate.open().await;
+    let chunk = client_frame(op::BINARY, &[5u8; 64 * 1024]);
+    reset_while_stalled(&gate, client, upstream, &chunk, "client").await;
+    let (client, upstream) = gate.open().await;
+    let chunk = server_frame(op::BINARY, &[6u8; 64 * 1024]);
+    reset_while_stalled(&gate, upstream, client, &chunk, "upstream").await;
+}
+
+/// `sender` writes `chunk` until every buffer towards `stalled` (which never reads) is
+/// full, then resets; the tunnel must be gone within 1 s (probe) + 1 s (close) + 2 s
+/// (linger), with slack for a loaded machine, and be counted as closed by `initiator`
+/// with no close code.
+async fn reset_while_stalled(
+    gate: &Gate,
+    mut sender: WsConn,
+    stalled: WsConn,
+    chunk: &[u8],
+    initiator: &str,
+) {
+    let admin = gate.proxy.admin();
+    let closes =
+        format!("wsgate_closes_total{{code=\"none\",initiator=\"{initiator}\",route=\"ws\"}}");
+    let before = metric(admin, &closes).await.unwrap_or(0.0);
+    let mut chunks = 0;
+    loop {
+        assert!(chunks < 4000, "the buffers never filled");
+        match tokio::time::timeout(Duration::from_millis(300), sender.try_send(chunk)).await {
+            Ok(Ok(())) => chunks += 1,
+            Ok(Err(e)) => panic!("write failed after {chunks} chunks: {e}"),
+            Err(_) => break, // held up
+        }
+    }
+    assert_eq!(
+        metric(admin, "wsgate_connections_active{route=\"ws\"}").await,
+        Some(1.0)
+    );
+    let reset_at = Instant::now();
+    sender.reset();
+    within("the tunnel to end", async {
+        while metric(admin, "wsgate_connections_active{route=\"ws\"}").await != Some(0.0) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let took = reset_at.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the {initiator}'s reset took {took:?} to end the tunnel ({chunks} chunks sent)"
+    );
+    assert_eq!(metric(admin, &closes).await, Some(before + 1.0));
+    drop(stalled);
+}
+
+/// The value of one series on the admin listener's `/metrics`.
+async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let request = support::clients::http_request("GET", "/metrics", &[("Host", "admin")]);
+    let text = support::clients::raw_exchange(admin, &request)
+        .await
+        .body_text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 #[tokio::test]
 async fn close_frames_are_forwarded_unchanged_both_ways() {
     let mut gate = Gate::start(&[], &[]).await;
@@ -688,7 +764,8 @@ async fn frames_split_at_every_byte_are_relayed_intact() {
     let payload = support::pattern(130); // a 16-bit length
     let big = support::pattern(70_000); // a 64-bit length
 
-    let small = encode(true, 0, op::TEXT, &payload, Some(random_mask()));
+    let text = "ü".repeat(65); // valid UTF-8: text is checked
+    let small = encode(true, 0, op::TEXT, text.as_bytes(), Some(random_mask()));
     client.send_bytewise(&small).await;
     assert_eq!(
         upstream.bytes(small.len(), "the bytewise frame").await,

@@ -92,6 +92,13 @@ impl crate::ws::splice::SpliceIo for UpstreamStream {
             UpstreamStream::Tls(_) => None,
         }
     }
+
+    fn socket(&self) -> Option<&TcpStream> {
+        match self {
+            UpstreamStream::Plain(s) => Some(s),
+            UpstreamStream::Tls(s) => Some(s.get_ref().0),
+        }
+    }
 }
 
 impl AsyncRead for UpstreamStream {

@@ -45,6 +45,8 @@ const LEN_64_MARKER: u8 = 127;
 const FIN_BIT: u8 = 0x80;
 const RSV_SHIFT: u8 = 4;
 const RSV_MASK: u8 = 0x07;
+/// RSV1 in [`FrameHeader::rsv`]: permessage-deflate's "this message is compressed".
+pub const RSV1: u8 = 0b100;
 const OPCODE_MASK: u8 = 0x0F;
 const MASK_BIT: u8 = 0x80;
 const LEN7_MASK: u8 = 0x7F;
@@ -177,8 +179,8 @@ pub enum FrameError {
     /// A frame whose payload is larger than the configured limit (seen from its header).
     #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
     TooBig { len: u64, max: u64 },
-    /// A close frame whose reason is not valid UTF-8.
-    #[error("close reason is not valid UTF-8")]
+    /// A text message or a close reason that is not valid UTF-8.
+    #[error("invalid UTF-8 in a text message or close reason")]
     InvalidUtf8,
 }
 
@@ -197,7 +199,7 @@ impl FrameError {
         match self {
             FrameError::Protocol(_) => "protocol error",
             FrameError::TooBig { .. } => "frame too big",
-            FrameError::InvalidUtf8 => "invalid close reason",
+            FrameError::InvalidUtf8 => "invalid UTF-8",
         }
     }
 }
@@ -262,6 +264,11 @@ impl Decoder {
     pub fn with_rsv(mut self, rsv: RsvPolicy) -> Self {
         self.rsv = rsv;
         self
+    }
+
+    /// The RSV bits this decoder allows.
+    pub fn rsv(&self) -> RsvPolicy {
+        self.rsv
     }
 
     /// The peer whose frames this decoder validates.
@@ -502,6 +509,67 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<Option<(u16, &str)>, FrameE
     }
     let reason = std::str::from_utf8(reason).map_err(|_| FrameError::InvalidUtf8)?;
     Ok(Some((code, reason)))
+}
+
+/// Incremental UTF-8 check of one text message, fed its payload in whatever pieces the
+/// reads and fragments cut it into: a code point split across two pieces is fine, an
+/// invalid sequence is reported as soon as the piece holding it arrives (fail fast), and a
+/// message that ends inside a code point is reported by [`Utf8Check::finish`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Utf8Check {
+    /// The start of a code point the last piece ended in (at most 3 bytes).
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
+impl Utf8Check {
+    /// Checks the next piece of the message's (unmasked) payload.
+    pub fn feed(&mut self, mut piece: &[u8]) -> Result<(), FrameError> {
+        if self.carry_len > 0 {
+            let have = usize::from(self.carry_len);
+            // The carry starts with a lead byte std accepted as the start of a sequence.
+            let width = match self.carry[0] {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (width - have).min(piece.len());
+            self.carry[have..have + take].copy_from_slice(&piece[..take]);
+            let have = have + take;
+            piece = &piece[take..];
+            match std::str::from_utf8(&self.carry[..have]) {
+                Ok(_) => self.carry_len = 0,
+                Err(e) if e.error_len().is_none() => {
+                    // Still short (the piece ran out), and a valid prefix so far.
+                    self.carry_len = have as u8;
+                    return Ok(());
+                }
+                Err(_) => return Err(FrameError::InvalidUtf8),
+            }
+        }
+        match std::str::from_utf8(piece) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                // The piece ends inside a code point (at most 3 bytes of it).
+                let tail = &piece[e.valid_up_to()..];
+                self.carry[..tail.len()].copy_from_slice(tail);
+                self.carry_len = tail.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(FrameError::InvalidUtf8),
+        }
+    }
+
+    /// The message ended: it must not end inside a code point. Resets the check.
+    pub fn finish(&mut self) -> Result<(), FrameError> {
+        let complete = self.carry_len == 0;
+        *self = Utf8Check::default();
+        if complete {
+            Ok(())
+        } else {
+            Err(FrameError::InvalidUtf8)
+        }
+    }
 }
 
 /// A fresh random mask key for a frame wsgate sends to the upstream.
@@ -1180,5 +1248,89 @@ mod tests {
     fn random_masks_differ() {
         let masks: std::collections::HashSet<[u8; 4]> = (0..16).map(|_| random_mask()).collect();
         assert!(masks.len() > 1);
+    }
+
+    /// Feeds `bytes` in the pieces `cuts` makes, then finishes: the verdict of the check.
+    fn utf8_in_pieces(bytes: &[u8], cuts: &[usize]) -> Result<(), FrameError> {
+        let mut check = Utf8Check::default();
+        let mut at = 0;
+        for &cut in cuts.iter().chain([bytes.len()].iter()) {
+            let cut = cut.clamp(at, bytes.len());
+            check.feed(&bytes[at..cut])?;
+            at = cut;
+        }
+        check.finish()
+    }
+
+    #[test]
+    fn utf8_check_accepts_code_points_cut_at_every_byte() {
+        // 1-, 2-, 3- and 4-byte sequences, the edges of each range included.
+        let text = "a\u{7f}\u{80}\u{7ff}\u{800}\u{fffd}\u{ffff}\u{10000}\u{10ffff}κόσμε";
+        let bytes = text.as_bytes();
+        for i in 0..=bytes.len() {
+            assert_eq!(utf8_in_pieces(bytes, &[i]), Ok(()), "cut at {i}");
+            for j in i..=bytes.len() {
+                assert_eq!(utf8_in_pieces(bytes, &[i, j]), Ok(()), "cuts at {i}, {j}");
+            }
+        }
+        // One byte at a time.
+        let cuts: Vec<usize> = (0..bytes.len()).collect();
+        assert_eq!(utf8_in_pieces(bytes, &cuts), Ok(()));
+    }
+
+    #[test]
+    fn utf8_check_refuses_what_std_refuses() {
+        let bad: [&[u8]; 8] = [
+            b"\xff",             // never valid
+            b"\xc0\xaf",         // overlong
+            b"\xed\xa0\x80",     // surrogate
+            b"\xf4\x90\x80\x80", // above U+10FFFF
+            b"\xce\xba\xe1\xbd", // ends inside a code point
+            b"\x80",             // continuation without a lead
+            b"a\xe0\x80",        // bad second byte
+            b"\xf0\x9f\x98",     // truncated 4-byte sequence
+        ];
+        for bytes in bad {
+            for i in 0..=bytes.len() {
+                assert_eq!(
+                    utf8_in_pieces(bytes, &[i]),
+                    Err(FrameError::InvalidUtf8),
+                    "{bytes:x?} cut at {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn utf8_check_fails_as_soon_as_the_bad_byte_arrives() {
+        // Autobahn 6.4.x: the first piece is fine, the second breaks the sequence; the
+        // verdict must not wait for the rest of the message.
+        let mut check = Utf8Check::default();
+        assert_eq!(check.feed("κόσμε".as_bytes()), Ok(()));
+        assert_eq!(check.feed(b"\xf4"), Ok(()));
+        assert_eq!(check.feed(b"\x90"), Err(FrameError::InvalidUtf8));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn utf8_check_agrees_with_std_for_any_cuts(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+        ) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let expected = std::str::from_utf8(&bytes).is_ok();
+            proptest::prop_assert_eq!(utf8_in_pieces(&bytes, &cuts).is_ok(), expected);
+        }
+
+        #[test]
+        fn utf8_check_accepts_any_text_in_any_pieces(
+            text in "\\PC{0,20}",
+            cuts in proptest::collection::vec(0usize..80, 0..6),
+        ) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            proptest::prop_assert_eq!(utf8_in_pieces(text.as_bytes(), &cuts), Ok(()));
+        }
     }
 }

@@ -6,10 +6,13 @@ pub mod buffer;
 pub mod codec;
 pub mod echo;
 pub mod keepalive;
+pub mod peer;
 pub mod record;
 pub mod side;
 pub mod splice;
 pub mod tunnel;
+#[cfg(test)]
+mod tunnel_tests;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -95,6 +98,11 @@ pub async fn run(tunnel: BoxedTunnel, record: Arc<ConnRecord>, connections: &Con
     metrics.closed(outcome.initiator, outcome.code);
     metrics.pong_timeouts.inc_by(outcome.pong_timeouts);
     metrics.idle_timeouts.inc_by(outcome.idle_timeouts);
+    for (counter, n) in metrics.undeliverable.iter().zip(outcome.undeliverable) {
+        if n > 0 {
+            counter.inc_by(n);
+        }
+    }
     metrics.connections_active.dec();
     access_log(&record, &outcome);
 }
@@ -121,6 +129,8 @@ fn access_log(record: &ConnRecord, outcome: &Outcome) {
         close_reason = outcome.reason.as_str(),
         client_end = outcome.client_end.label(),
         upstream_end = outcome.upstream_end.label(),
+        undeliverable_client_to_upstream = outcome.undeliverable[0],
+        undeliverable_upstream_to_client = outcome.undeliverable[1],
         "websocket closed"
     );
 }

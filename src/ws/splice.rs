@@ -43,6 +43,12 @@ pub trait SpliceIo {
     fn tcp(&self) -> Option<&TcpStream> {
         None
     }
+
+    /// The TCP socket under this stream, TLS or not: for readiness queries only, never
+    /// for bytes (see [`crate::ws::peer`]).
+    fn socket(&self) -> Option<&TcpStream> {
+        self.tcp()
+    }
 }
 
 impl SpliceIo for TcpStream {
@@ -53,7 +59,21 @@ impl SpliceIo for TcpStream {
 
 impl SpliceIo for DuplexStream {}
 
-impl<T> SpliceIo for Box<T> {}
+impl<T: SpliceIo> SpliceIo for Box<T> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        (**self).tcp()
+    }
+
+    fn socket(&self) -> Option<&TcpStream> {
+        (**self).socket()
+    }
+}
+
+impl SpliceIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
 
 impl<T> SpliceIo for hyper_util::rt::TokioIo<T> {}
 

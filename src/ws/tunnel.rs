@@ -23,8 +23,12 @@ use tokio::time::{Duration, Instant, Sleep};
 use crate::config::{Limits, Rate, Timeouts};
 use crate::metrics;
 use crate::ws::buffer::RelayBuf;
-use crate::ws::codec::{self, Decoder, FrameError, OpCode, Role, RsvPolicy, MAX_CONTROL_FRAME};
+use crate::ws::codec::{
+    self, close_code, Decoder, FrameError, FrameHeader, OpCode, Role, RsvPolicy, Utf8Check,
+    MAX_CONTROL_FRAME, MAX_CONTROL_PAYLOAD,
+};
 use crate::ws::keepalive::{Keepalive, KeepaliveAction};
+use crate::ws::peer::{self, PeerState};
 use crate::ws::record::{CloseRequest, ConnRecord, Direction, Initiator};
 use crate::ws::splice::{self, Flow, Pipe, SpliceIo, SPLICE_MIN_FRAME, SPLICE_MIN_REST};
 
@@ -69,6 +73,9 @@ pub struct Outcome {
     /// How the client's side ended, then the upstream's.
     pub client_end: SideEnd,
     pub upstream_end: SideEnd,
+    /// Frames each side sent after wsgate's close went to the other (read and dropped),
+    /// indexed by direction: client to upstream, then upstream to client.
+    pub undeliverable: [u64; 2],
 }
 
 /// How one side of a tunnel ended, for the access log: an operator can tell a client's
@@ -137,11 +144,88 @@ impl TunnelSettings {
     }
 }
 
-/// A close wsgate writes into one output stream.
-#[derive(Debug, Clone, Copy)]
-struct CloseFrame {
-    code: u16,
-    reason: &'static str,
+/// A close frame wsgate writes into one output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CloseFrame {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseFrame {
+    const fn new(code: u16, reason: &'static str) -> Self {
+        CloseFrame { code, reason }
+    }
+}
+
+/// Why wsgate closes a tunnel (design.md's tunnel table, one row each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The client did not answer a keepalive ping within `pong_timeout`.
+    PingTimeout,
+    /// The upstream did not answer a keepalive ping within `pong_timeout`.
+    UpstreamUnresponsive,
+    /// No data frame either way for `idle`.
+    Idle,
+    /// The client broke the protocol or a limit.
+    Client(Violation),
+    /// The upstream broke the protocol.
+    Upstream(Violation),
+    /// The client's connection was lost without a close frame.
+    ClientGone,
+    /// The upstream's connection was lost without a close frame.
+    UpstreamGone,
+    /// SIGTERM: the drain.
+    Drain,
+    /// `DELETE /connections/{id}`.
+    Operator,
+}
+
+impl CloseReason {
+    /// The close frames for this reason: to the client, then to the upstream; `None` where
+    /// that side is gone and gets none.
+    pub(crate) fn frames(self) -> (Option<CloseFrame>, Option<CloseFrame>) {
+        use close_code::{BAD_GATEWAY, GOING_AWAY};
+        const CLIENT_ERROR: CloseFrame = CloseFrame::new(GOING_AWAY, "client error");
+        const BAD_GATEWAY_FRAME: CloseFrame = CloseFrame::new(BAD_GATEWAY, "bad gateway");
+        let both = |frame| (Some(frame), Some(frame));
+        match self {
+            CloseReason::PingTimeout => (
+                Some(CloseFrame::new(GOING_AWAY, "ping timeout")),
+                Some(CloseFrame::new(GOING_AWAY, "client unresponsive")),
+            ),
+            CloseReason::UpstreamUnresponsive => (
+                Some(CloseFrame::new(BAD_GATEWAY, "upstream unresponsive")),
+                Some(CloseFrame::new(GOING_AWAY, "ping timeout")),
+            ),
+            CloseReason::Idle => both(CloseFrame::new(GOING_AWAY, "idle timeout")),
+            CloseReason::Client(v) => (Some(v.close_frame()), Some(CLIENT_ERROR)),
+            CloseReason::Upstream(v) => (Some(BAD_GATEWAY_FRAME), Some(v.close_frame())),
+            CloseReason::ClientGone => (None, Some(CloseFrame::new(GOING_AWAY, "client gone"))),
+            CloseReason::UpstreamGone => (Some(BAD_GATEWAY_FRAME), None),
+            CloseReason::Drain => both(CloseFrame::new(GOING_AWAY, "going away")),
+            CloseReason::Operator => both(CloseFrame::new(GOING_AWAY, "closed by operator")),
+        }
+    }
+
+    /// Closes where the client hears first and its last messages still reach the upstream:
+    /// the upstream's close is held until the client answers (or `timeouts.close` passes).
+    /// The others close both sides at once: a side is gone, silent or broke a rule.
+    fn client_first(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Drain | CloseReason::Operator | CloseReason::Idle
+        )
+    }
+
+    /// Which sides went silent: a ping timeout names one, an idle timeout both.
+    fn silent(self) -> (bool, bool) {
+        match self {
+            CloseReason::PingTimeout => (true, false),
+            CloseReason::UpstreamUnresponsive => (false, true),
+            CloseReason::Idle => (true, true),
+            _ => (false, false),
+        }
+    }
 }
 
 /// Control frames queued for one output, written at its next frame boundary. Boxed and
@@ -171,37 +255,143 @@ struct Events {
     pong_rtt: Option<Duration>,
 }
 
+/// Where the peer a direction reads from stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Frames may still come.
+    Open,
+    /// It sent a close frame with this code (1005 for one without a code).
+    Closed(u16),
+    /// It ended without a close frame: EOF, or a reset.
+    Dropped { reset: bool },
+    /// It broke the protocol or a limit: nothing more of it is relayed.
+    Violated(Violation),
+    /// wsgate stopped reading it: the peer is gone (writing to it failed), or it did not
+    /// answer wsgate's close in time.
+    Abandoned,
+}
+
+/// Where the peer a direction writes to stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    /// Frames are relayed to it.
+    Open,
+    /// wsgate will close it once the source has ended (client-first closes): the source's
+    /// own close frame is consumed instead of forwarded.
+    CloseHeld,
+    /// The source's close frame is approved for it, behind the bytes before it.
+    CloseForwarded,
+    /// wsgate's close frame waits for the next frame boundary; nothing is queued after it.
+    CloseQueued,
+    /// wsgate's close frame was written: whatever the source still sends is dropped.
+    CloseSent,
+    /// A frame to it was cut off unfinished (the source broke a rule inside it): no close
+    /// frame can follow, and nothing more is written.
+    Cut,
+    /// Writing to it failed: the peer is gone.
+    Failed,
+}
+
+impl Dest {
+    /// Whether wsgate may still queue a close frame for it.
+    fn takes_close(self) -> bool {
+        matches!(self, Dest::Open | Dest::CloseHeld)
+    }
+
+    /// Whether bytes can still reach it.
+    fn writable(self) -> bool {
+        !matches!(self, Dest::Cut | Dest::Failed)
+    }
+}
+
+/// A pipe borrowed for splicing large frames, and the frame moving through it.
+struct Spliced {
+    pipe: Pipe,
+    /// Bytes in the pipe not yet written to `dst`.
+    piped: usize,
+    /// Bytes of the frame being spliced (header included) still to move from `src`.
+    left: u64,
+    /// Of those, header bytes (a frame is handed to the ordinary path only past its header).
+    header: u8,
+}
+
+/// The UTF-8 check of the uncompressed text message a direction is in.
+#[derive(Debug, Default)]
+struct TextCheck {
+    /// The current message is uncompressed text: its payload is checked.
+    active: bool,
+    /// The frame being checked is the message's last.
+    fin: bool,
+    /// The frame is held whole in the buffer, header at `scan`, until its payload is
+    /// checked: its header length. 0: the frame is too big to hold and is checked piece
+    /// by piece as it streams through.
+    held_header: u8,
+    /// Payload bytes of the current frame already checked (held frames: at most a buffer).
+    checked: u16,
+    /// The current frame's mask key (client frames); all zero (no-op) for upstream frames.
+    key: [u8; 4],
+    /// Payload offset of the next byte to check, modulo 4 (streamed frames).
+    offset: u8,
+    utf8: Utf8Check,
+}
+
+impl TextCheck {
+    /// Whether a data frame with this header is checked: an uncompressed text message's
+    /// frames. An extension wsgate does not know may transform payload: never checked.
+    fn checks(&self, header: &FrameHeader, rsv: RsvPolicy) -> bool {
+        match header.opcode {
+            OpCode::Text => match rsv {
+                RsvPolicy::NoExtension => true,
+                RsvPolicy::Deflate => header.rsv & codec::RSV1 == 0,
+                RsvPolicy::Unknown => false,
+            },
+            OpCode::Continuation => self.active,
+            _ => false,
+        }
+    }
+
+    /// Checks `bytes` (masked as they came), `offset` being their position in the payload.
+    fn feed(&mut self, bytes: &mut [u8], offset: u64) -> Result<(), FrameError> {
+        if self.key == [0; 4] {
+            return self.utf8.feed(bytes);
+        }
+        // Unmasked in place for the check, masked again before the bytes go out.
+        codec::apply_mask(bytes, self.key, offset);
+        let checked = self.utf8.feed(bytes);
+        codec::apply_mask(bytes, self.key, offset);
+        checked
+    }
+
+    /// The frame is complete: ends the message when it was the last.
+    fn frame_done(&mut self) -> Result<(), FrameError> {
+        self.held_header = 0;
+        self.checked = 0;
+        if self.fin {
+            self.active = false;
+            self.utf8.finish()
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// One direction: reads `src`, writes `dst`.
 struct Half {
     direction: Direction,
+    source: Source,
+    dest: Dest,
     decoder: Decoder,
     /// Borrowed while bytes are in flight; `[0, wpos)` written, `[wpos, scan)` approved
-    /// for writing, `[scan, filled)` read but not yet parsed (a partial header or control frame).
+    /// for writing, `[scan, filled)` read but not yet approved (a partial header, a control
+    /// frame or a held text frame).
     buf: Option<RelayBuf>,
     wpos: usize,
     scan: usize,
     filled: usize,
-    /// Payload bytes of the current data frame still to come.
+    /// Payload bytes of the current data frame still to approve.
     frame_left: u64,
+    text: TextCheck,
     inject: Option<Box<Inject>>,
-    /// wsgate queued a close on this output: nothing else may be queued after it.
-    close_queued: bool,
-    /// wsgate's close went out on `dst`: whatever `src` still sends is read and dropped.
-    discarding: bool,
-    /// A close frame (forwarded or wsgate's) was written or approved towards `dst`.
-    dst_closed: bool,
-    /// `src` has nothing more to say: it sent a close frame, EOF, an error, or broke the protocol.
-    src_done: bool,
-    /// `src` sent a close frame: its code (1005 for a close frame without one).
-    src_close: Option<u16>,
-    /// `src` ended without a close frame (EOF or error).
-    src_dropped: bool,
-    /// `src` reached EOF or failed.
-    src_eof: bool,
-    /// `src` failed with an error (a reset) rather than an orderly end.
-    src_reset: bool,
-    /// `src` broke the protocol or a limit.
-    violation: Option<Violation>,
     /// Bytes read past the handshake that did not fit the first buffer (rare: boxed).
     early: Option<Box<Bytes>>,
     /// Bytes not yet added to the connection record and metrics.
@@ -210,28 +400,21 @@ struct Half {
     unflushed_spliced: u32,
     /// Frames per opcode not yet added to the connection record and metrics.
     unflushed_frames: OpcodeCounts,
-    /// Writing to `dst` failed: the peer is gone.
-    dst_failed: bool,
-    /// Shut down after the tunnel finished.
-    dst_shut: bool,
+    /// Frames the source sent after wsgate's close went to `dst`: read and dropped.
+    undeliverable: u32,
     /// `src` said "nothing now" during this wake-up (its waker is registered): no need to
     /// ask it again until the next one.
     src_quiet: bool,
-    /// Frame-rate limiter (client direction only).
-    /// Boxed: only client directions with a `max_frame_rate` have one, and the tunnel
-    /// stays small enough for the allocator's fastest size classes.
-    rate: Option<Box<TokenBucket>>,
     /// Both sockets are plain TCP and splicing is on: large frames may bypass `buf`.
     splice_capable: bool,
     /// The last data frame was large: the next header is peeked, and a large frame spliced.
     splice_hint: bool,
-    /// Bytes of the frame being spliced (header included) still to move from `src` to the pipe.
-    splice_left: u64,
-    /// Of those, header bytes (a frame is handed to the ordinary path only past its header).
-    splice_header: u8,
-    /// Borrowed while a spliced frame is in flight; holds `piped` bytes not yet written to `dst`.
-    pipe: Option<Pipe>,
-    piped: usize,
+    /// Frame-rate limiter (client direction only).
+    /// Boxed: only client directions with a `max_frame_rate` have one, and the tunnel
+    /// stays small enough for the allocator's fastest size classes.
+    rate: Option<Box<TokenBucket>>,
+    /// The pipe of the splice path, borrowed while a spliced frame is in flight.
+    splice: Option<Spliced>,
 }
 
 /// What the splice path did in one read step.
@@ -240,7 +423,8 @@ enum SpliceStep {
     Pending,
     /// Bytes moved, or the input ended or broke a rule.
     Progress,
-    /// Not a frame to splice (small, control, incomplete header, no pipe): read it as usual.
+    /// Not a frame to splice (small, control, checked text, incomplete header, no pipe):
+    /// read it as usual.
     Declined,
 }
 
@@ -255,37 +439,72 @@ impl Half {
     ) -> Self {
         Half {
             direction,
+            source: Source::Open,
+            dest: Dest::Open,
             decoder: Decoder::new(role, max_payload).with_rsv(rsv),
             buf: None,
             wpos: 0,
             scan: 0,
             filled: 0,
             frame_left: 0,
+            text: TextCheck::default(),
             inject: None,
-            close_queued: false,
-            discarding: false,
-            dst_closed: false,
-            src_done: false,
-            src_close: None,
-            src_dropped: false,
-            src_eof: false,
-            violation: None,
-            src_reset: false,
             early: None,
             unflushed_bytes: 0,
             unflushed_spliced: 0,
             unflushed_frames: [0; 6],
-            dst_failed: false,
-            dst_shut: false,
+            undeliverable: 0,
             src_quiet: false,
-            rate: rate.map(|r| Box::new(TokenBucket::new(r, now))),
             splice_capable: false,
             splice_hint: false,
-            splice_left: 0,
-            splice_header: 0,
-            pipe: None,
-            piped: 0,
+            rate: rate.map(|r| Box::new(TokenBucket::new(r, now))),
+            splice: None,
         }
+    }
+
+    /// `src` has nothing more to say.
+    fn src_done(&self) -> bool {
+        self.source != Source::Open
+    }
+
+    /// wsgate's close went out on `dst`: what `src` still sends is read and dropped.
+    fn discarding(&self) -> bool {
+        self.dest == Dest::CloseSent
+    }
+
+    /// Its source is open but not being read: `dst` is not taking what was read before.
+    fn held_up(&self) -> bool {
+        self.source == Source::Open
+            && self.dest.writable()
+            && (self.wpos < self.scan || self.piped() > 0)
+    }
+
+    fn piped(&self) -> usize {
+        self.splice.as_ref().map_or(0, |s| s.piped)
+    }
+
+    /// `src` stops here: the first end wins.
+    fn end_source(&mut self, source: Source) {
+        if self.source == Source::Open {
+            self.source = source;
+        }
+    }
+
+    /// `src` broke a rule. When part of the frame it broke was already approved, `dst` holds
+    /// an unfinished frame: nothing can follow it.
+    fn violate(&mut self, violation: Violation, mid_frame: bool) {
+        self.end_source(Source::Violated(violation));
+        if mid_frame {
+            if self.dest.writable() {
+                self.dest = Dest::Cut;
+            }
+        } else {
+            // Nothing of the frame went out (a held frame is dropped whole): `dst` is at a
+            // frame boundary, where wsgate's close can go.
+            self.frame_left = 0;
+            self.text.held_header = 0;
+        }
+        self.filled = self.scan;
     }
 
     /// Bytes already read before the tunnel started (hyper may read past the handshake).
@@ -317,9 +536,10 @@ impl Half {
         self.inject.as_ref().is_some_and(|i| i.pending())
     }
 
-    /// Queues a control frame of wsgate's for this output; ignored once a close is queued.
+    /// Queues a control frame of wsgate's for this output; ignored once a close is queued
+    /// or sent.
     fn queue(&mut self, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
-        if self.close_queued {
+        if !self.dest.takes_close() {
             return;
         }
         let inject = self.inject.get_or_insert_with(|| {
@@ -339,29 +559,43 @@ impl Half {
         inject.len += n;
         if opcode == OpCode::Close {
             inject.has_close = true;
-            self.close_queued = true;
+            self.dest = Dest::CloseQueued;
         }
+    }
+
+    /// Queues wsgate's close frame (masked towards the upstream).
+    fn queue_close(&mut self, frame: CloseFrame) {
+        let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+        let n = codec::close_payload(frame.code, frame.reason, &mut payload);
+        let mask = match self.direction {
+            Direction::ClientToUpstream => Some(codec::random_mask()),
+            Direction::UpstreamToClient => None,
+        };
+        self.queue(OpCode::Close, &payload[..n], mask);
     }
 
     /// Between two frames of the input (bytes may still wait in the pipe).
     fn at_boundary(&self) -> bool {
-        self.frame_left == 0 && self.splice_left == 0
+        self.frame_left == 0 && !self.splice.as_ref().is_some_and(|s| s.left > 0)
     }
 
-    /// Whether everything approved and queued is written (or can never be: `dst` failed, or
-    /// `src` ended in the middle of a frame so no boundary will come for wsgate's frames).
+    /// Whether everything approved and queued is written (or can never be: `dst` failed or
+    /// was cut, or `src` ended in the middle of a frame so no boundary will come for
+    /// wsgate's frames).
     fn flushed(&self) -> bool {
         self.wpos == self.scan
-            && self.piped == 0
-            && (!self.inject_pending() || self.dst_failed || (self.src_done && !self.at_boundary()))
+            && self.piped() == 0
+            && (!self.inject_pending()
+                || !self.dest.writable()
+                || (self.src_done() && !self.at_boundary()))
     }
 
     /// Reading waits until everything approved is written and no queued frame of wsgate's
     /// could go out now; a queued frame waiting for a boundary needs more input to get one.
     fn can_read(&self) -> bool {
         self.wpos == self.scan
-            && self.piped == 0
-            && (self.dst_failed || !self.inject_pending() || !self.at_boundary())
+            && self.piped() == 0
+            && (!self.dest.writable() || !self.inject_pending() || !self.at_boundary())
     }
 
     /// Writes approved bytes, then queued control frames at a frame boundary.
@@ -371,30 +605,28 @@ impl Half {
         dst: &mut W,
         cx: &mut Context<'_>,
     ) -> bool {
-        if self.dst_failed {
-            let progressed = self.wpos != self.scan || self.piped > 0;
+        if !self.dest.writable() {
+            let progressed = self.wpos != self.scan || self.piped() > 0;
             self.wpos = self.scan;
             self.drop_pipe();
             return progressed;
         }
         let mut progressed = false;
         loop {
-            if self.piped > 0 {
-                let (Some(pipe), Some(tcp)) = (self.pipe.as_ref(), dst.tcp()) else {
-                    self.dst_failed = true;
-                    self.drop_pipe();
+            if let Some(spliced) = self.splice.as_mut().filter(|s| s.piped > 0) {
+                let Some(tcp) = dst.tcp() else {
+                    self.write_failed();
                     return true;
                 };
-                match splice::poll_splice(tcp, cx, pipe, Flow::Out, self.piped) {
+                match splice::poll_splice(tcp, cx, &spliced.pipe, Flow::Out, spliced.piped) {
                     Poll::Pending => return progressed,
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        self.dst_failed = true;
-                        self.drop_pipe();
+                        self.write_failed();
                         return true;
                     }
                     Poll::Ready(Ok(n)) => {
                         progressed = true;
-                        self.piped -= n.min(self.piped);
+                        spliced.piped -= n.min(spliced.piped);
                     }
                 }
             } else if self.wpos < self.scan {
@@ -410,8 +642,7 @@ impl Half {
                 progressed = true;
                 match result {
                     Ok(0) | Err(_) => {
-                        self.dst_failed = true;
-                        self.wpos = self.scan;
+                        self.write_failed();
                         return true;
                     }
                     Ok(n) => self.wpos += n,
@@ -428,15 +659,14 @@ impl Half {
                 progressed = true;
                 match result {
                     Ok(0) | Err(_) => {
-                        self.dst_failed = true;
+                        self.write_failed();
                         return true;
                     }
                     Ok(n) => {
                         inject.written += n;
                         if !inject.pending() {
                             if inject.has_close {
-                                self.dst_closed = true;
-                                self.discarding = true;
+                                self.dest = Dest::CloseSent;
                             }
                             self.inject = None;
                         }
@@ -446,6 +676,13 @@ impl Half {
                 return progressed;
             }
         }
+    }
+
+    /// `dst` failed: nothing approved or piped can be written any more.
+    fn write_failed(&mut self) {
+        self.dest = Dest::Failed;
+        self.wpos = self.scan;
+        self.drop_pipe();
     }
 
     /// Reads once from `src` (when everything before is written) and parses what came.
@@ -458,10 +695,10 @@ impl Half {
         now: Instant,
         events: &mut Events,
     ) -> bool {
-        if self.src_done || !self.can_read() {
+        if self.src_done() || !self.can_read() {
             return false;
         }
-        // Everything approved is written: move the unparsed tail (< one control frame) to the front.
+        // Everything approved is written: move the unapproved tail to the front.
         if self.scan > 0 {
             if let Some(buf) = self.buf.as_mut() {
                 buf.copy_within(self.scan..self.filled, 0);
@@ -474,7 +711,7 @@ impl Half {
         if self.filled > 0 {
             let before = (self.scan, self.filled);
             self.parse(keepalive, now, events);
-            if (self.scan, self.filled) != before || self.src_done {
+            if (self.scan, self.filled) != before || self.src_done() {
                 return true;
             }
         }
@@ -487,11 +724,11 @@ impl Half {
             return false;
         }
         // Cheapest tests first: small frames fail the first group at once.
-        if (self.splice_left > 0
+        if (self.splice.as_ref().is_some_and(|s| s.left > 0)
             || (self.splice_hint && self.frame_left == 0)
-            || self.frame_left >= SPLICE_MIN_REST)
+            || (self.frame_left >= SPLICE_MIN_REST && !self.text.active))
             && self.filled == 0
-            && !self.discarding
+            && !self.discarding()
             && self.splice_capable
         {
             if let Some(tcp) = src.tcp() {
@@ -515,7 +752,7 @@ impl Half {
                 false
             }
             Poll::Ready(Ok(())) if read_buf.filled().is_empty() => {
-                self.end_of_input();
+                self.end_of_input(false);
                 true
             }
             Poll::Ready(Ok(())) => {
@@ -525,8 +762,7 @@ impl Half {
                 true
             }
             Poll::Ready(Err(_)) => {
-                self.src_reset = true;
-                self.end_of_input();
+                self.end_of_input(true);
                 true
             }
         }
@@ -541,22 +777,28 @@ impl Half {
         now: Instant,
         events: &mut Events,
     ) -> SpliceStep {
-        if self.pipe.is_none() {
-            match Pipe::take() {
-                Ok(pipe) => self.pipe = Some(pipe),
+        let spliced = match self.splice.as_mut() {
+            Some(spliced) => spliced,
+            None => match Pipe::take() {
+                Ok(pipe) => self.splice.insert(Spliced {
+                    pipe,
+                    piped: 0,
+                    left: 0,
+                    header: 0,
+                }),
                 // Out of descriptors, say: the relay buffer still works.
                 Err(_) => return SpliceStep::Declined,
-            }
-        }
+            },
+        };
         let mut started = false;
         if self.frame_left > 0 {
             // The rest of a frame whose header went through the buffer: at least
             // SPLICE_MIN_REST bytes of payload, so splicing it costs no more system calls
             // than reading and writing it.
-            self.splice_left = self.frame_left;
-            self.splice_header = 0;
+            spliced.left = self.frame_left;
+            spliced.header = 0;
             self.frame_left = 0;
-        } else if self.splice_left == 0 {
+        } else if spliced.left == 0 {
             let mut head = [0u8; codec::MAX_HEADER_LEN];
             let n = match splice::poll_peek(src, cx, &mut head) {
                 Poll::Pending => return SpliceStep::Pending,
@@ -568,6 +810,7 @@ impl Half {
             let header = match decoder.parse_header(&head[..n]) {
                 Ok(Some(h))
                     if !h.opcode.is_control()
+                        && !self.text.checks(&h, decoder.rsv())
                         && u64::from(h.header_len) + h.payload_len >= SPLICE_MIN_FRAME =>
                 {
                     h
@@ -584,34 +827,36 @@ impl Half {
                 return SpliceStep::Progress;
             }
             self.decoder = decoder;
-            self.splice_left = u64::from(header.header_len) + header.payload_len;
-            self.splice_header = header.header_len;
+            let Some(spliced) = self.splice.as_mut() else {
+                return SpliceStep::Declined;
+            };
+            spliced.left = u64::from(header.header_len) + header.payload_len;
+            spliced.header = header.header_len;
             started = true;
         }
-        let Some(pipe) = self.pipe.as_ref() else {
+        let Some(spliced) = self.splice.as_mut() else {
             return SpliceStep::Declined;
         };
-        let len = self.splice_left.min(pipe.capacity() as u64) as usize;
-        match splice::poll_splice(src, cx, pipe, Flow::In, len) {
+        let len = spliced.left.min(spliced.pipe.capacity() as u64) as usize;
+        match splice::poll_splice(src, cx, &spliced.pipe, Flow::In, len) {
             Poll::Pending if started => {
                 self.src_quiet = true;
                 SpliceStep::Progress
             }
             Poll::Pending => SpliceStep::Pending,
             Poll::Ready(Ok(0)) => {
-                self.end_of_input();
+                self.end_of_input(false);
                 SpliceStep::Progress
             }
             Poll::Ready(Err(_)) => {
-                self.src_reset = true;
-                self.end_of_input();
+                self.end_of_input(true);
                 SpliceStep::Progress
             }
             Poll::Ready(Ok(n)) => {
                 let n = n.min(len);
-                self.splice_left -= n as u64;
-                self.splice_header -= n.min(usize::from(self.splice_header)) as u8;
-                self.piped += n;
+                spliced.left -= n as u64;
+                spliced.header -= n.min(usize::from(spliced.header)) as u8;
+                spliced.piped += n;
                 self.unflushed_bytes += n as u64;
                 // At most MAX_TURNS_PER_POLL pipe loads between two flushes.
                 self.unflushed_spliced = self.unflushed_spliced.saturating_add(n as u32);
@@ -622,8 +867,7 @@ impl Half {
 
     /// `dst` failed: bytes in the pipe can never be written, and the pipe is not reusable.
     fn drop_pipe(&mut self) {
-        self.piped = 0;
-        self.pipe = None;
+        self.splice = None;
     }
 
     /// Nothing in flight: the buffer and the pipe go back to their pools while the source
@@ -632,34 +876,34 @@ impl Half {
         if self.filled == 0 {
             self.buf = None;
         }
-        if self.pipe.is_some() {
+        if self.splice.is_some() {
             self.release_idle_pipe();
         }
     }
 
     #[cold]
     fn release_idle_pipe(&mut self) {
-        if self.piped == 0 {
-            if self.splice_left > 0 && self.splice_header == 0 {
-                // Only payload is left of the frame being spliced: the ordinary path takes
-                // it over, so a sender pausing mid-frame does not hold two descriptors.
-                self.frame_left = self.splice_left;
-                self.splice_left = 0;
-            }
-            if self.splice_left == 0 {
-                if let Some(pipe) = self.pipe.take() {
-                    pipe.put_back();
-                }
+        let Some(spliced) = self.splice.as_mut() else {
+            return;
+        };
+        if spliced.piped > 0 {
+            return;
+        }
+        if spliced.left > 0 && spliced.header == 0 {
+            // Only payload is left of the frame being spliced: the ordinary path takes it
+            // over, so a sender pausing mid-frame does not hold two descriptors.
+            self.frame_left = spliced.left;
+            spliced.left = 0;
+        }
+        if spliced.left == 0 {
+            if let Some(spliced) = self.splice.take() {
+                spliced.pipe.put_back();
             }
         }
     }
 
-    fn end_of_input(&mut self) {
-        self.src_done = true;
-        self.src_eof = true;
-        if self.src_close.is_none() {
-            self.src_dropped = true;
-        }
+    fn end_of_input(&mut self, reset: bool) {
+        self.end_source(Source::Dropped { reset });
         // An unfinished partial frame can never be completed; drop it.
         self.filled = self.scan;
     }
@@ -680,15 +924,23 @@ impl Half {
     fn accept_data_frame(&mut self, opcode: OpCode, now: Instant, events: &mut Events) -> bool {
         if let Some(bucket) = self.rate.as_mut() {
             if !bucket.take(now) {
-                self.violation = Some(Violation::RateLimit);
-                self.src_done = true;
+                self.end_source(Source::Violated(Violation::RateLimit));
                 return false;
             }
         }
-        self.unflushed_frames[opcode_index(opcode)] += 1;
+        self.count_frame(opcode);
         events.heard = true;
         events.data = true;
         true
+    }
+
+    /// Counts a frame as relayed, or as undeliverable once wsgate's close went to `dst`.
+    fn count_frame(&mut self, opcode: OpCode) {
+        if self.discarding() {
+            self.undeliverable = self.undeliverable.saturating_add(1);
+        } else {
+            self.unflushed_frames[opcode_index(opcode)] += 1;
+        }
     }
 
     fn parse_frames(
@@ -701,10 +953,29 @@ impl Half {
         let batch_start = self.scan;
         loop {
             if self.frame_left > 0 {
+                if self.text.held_header > 0 {
+                    if !self.check_held_text(buf) {
+                        break;
+                    }
+                    continue;
+                }
                 let available = (self.filled - self.scan) as u64;
-                let take = available.min(self.frame_left);
-                self.scan += take as usize;
-                self.frame_left -= take;
+                let take = available.min(self.frame_left) as usize;
+                if self.text.active && !self.discarding() {
+                    let chunk = &mut buf[self.scan..self.scan + take];
+                    let mut checked = self.text.feed(chunk, u64::from(self.text.offset));
+                    self.text.offset = ((usize::from(self.text.offset) + take) % 4) as u8;
+                    if checked.is_ok() && take as u64 == self.frame_left {
+                        checked = self.text.frame_done();
+                    }
+                    if let Err(e) = checked {
+                        // The header and the payload before went out already.
+                        self.violate(e.into(), true);
+                        break;
+                    }
+                }
+                self.scan += take;
+                self.frame_left -= take as u64;
                 if self.frame_left > 0 {
                     break;
                 }
@@ -715,16 +986,14 @@ impl Half {
             }
             // At a boundary with wsgate's own frames queued: stop here so they go out next,
             // even while the peer streams large frames back to back.
-            if self.inject.as_ref().is_some_and(|i| i.pending()) && !self.discarding {
+            if self.inject_pending() && !self.discarding() {
                 break;
             }
             let header = match self.decoder.parse_header(&buf[self.scan..self.filled]) {
                 Ok(Some(header)) => header,
                 Ok(None) => break,
                 Err(e) => {
-                    self.violation = Some(Violation::Frame(e));
-                    self.src_done = true;
-                    self.filled = self.scan;
+                    self.violate(e.into(), false);
                     break;
                 }
             };
@@ -735,7 +1004,7 @@ impl Half {
                     // Wait for the whole control frame; the codec keeps no state for these.
                     break;
                 }
-                let mut payload = [0u8; 125];
+                let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
                 let len = header.payload_len as usize;
                 payload[..len].copy_from_slice(&buf[self.scan + header_len..self.scan + total]);
                 if let Some(key) = header.mask {
@@ -747,37 +1016,67 @@ impl Half {
                     if let Some(rtt) = keepalive.is_our_pong(payload, now) {
                         // wsgate's own: cut out of the stream, neither relayed nor counted.
                         events.pong_rtt = Some(rtt);
-                        buf.copy_within(self.scan + total..self.filled, self.scan);
-                        self.filled -= total;
+                        cut(buf, self.scan, total, &mut self.filled);
                         continue;
                     }
                 }
-                self.unflushed_frames[opcode_index(header.opcode)] += 1;
                 if header.opcode == OpCode::Close {
-                    match codec::parse_close_payload(payload) {
-                        Ok(code) => {
-                            // A close frame without a code is reported as 1005 (RFC 6455
-                            // §7.1.5), telling it apart from a dropped socket.
-                            self.src_close = Some(code.map_or(NO_STATUS_RECEIVED, |(c, _)| c));
-                            self.src_done = true;
-                            if !self.discarding {
-                                self.dst_closed = true;
-                            }
-                            self.scan += total;
-                            // Nothing may follow a close frame.
-                            self.filled = self.scan;
-                            break;
-                        }
+                    let code = match codec::parse_close_payload(payload) {
+                        // A close frame without a code is reported as 1005 (RFC 6455
+                        // §7.1.5), telling it apart from a dropped socket.
+                        Ok(code) => code.map_or(NO_STATUS_RECEIVED, |(c, _)| c),
                         Err(e) => {
-                            self.violation = Some(Violation::Frame(e));
-                            self.src_done = true;
-                            self.filled = self.scan;
+                            self.violate(e.into(), false);
                             break;
                         }
+                    };
+                    // An answer to wsgate's close is expected, not undeliverable.
+                    if !self.discarding() {
+                        self.unflushed_frames[opcode_index(header.opcode)] += 1;
                     }
+                    self.end_source(Source::Closed(code));
+                    match self.dest {
+                        Dest::Open => {
+                            self.dest = Dest::CloseForwarded;
+                            self.scan += total;
+                        }
+                        // The answer to wsgate's close goes no further: wsgate sends its own.
+                        Dest::CloseHeld => cut(buf, self.scan, total, &mut self.filled),
+                        _ => self.scan += total,
+                    }
+                    // Nothing may follow a close frame.
+                    self.filled = self.scan;
+                    break;
                 }
+                self.count_frame(header.opcode);
                 self.scan += total;
             } else {
+                if self.text.checks(&header, self.decoder.rsv()) {
+                    self.text.active = true;
+                } else if header.opcode != OpCode::Continuation {
+                    self.text.active = false;
+                }
+                if self.text.active && !self.discarding() {
+                    self.text.fin = header.fin;
+                    self.text.key = header.mask.unwrap_or_default();
+                    self.text.offset = 0;
+                    let total = header_len as u64 + header.payload_len;
+                    if total <= buf.len() as u64 {
+                        // Held whole until checked, so a frame that breaks the rule never
+                        // reaches the other side.
+                        if !self.accept_data_frame(header.opcode, now, events) {
+                            self.filled = self.scan;
+                            break;
+                        }
+                        self.text.held_header = header.header_len;
+                        self.text.checked = 0;
+                        self.frame_left = header.payload_len;
+                        if !self.check_held_text(buf) {
+                            break;
+                        }
+                        continue;
+                    }
+                }
                 if !self.accept_data_frame(header.opcode, now, events) {
                     self.filled = self.scan;
                     break;
@@ -789,13 +1088,49 @@ impl Half {
                 self.frame_left = header.payload_len;
             }
         }
-        let relayed = (self.scan - batch_start) as u64;
-        self.unflushed_bytes += relayed;
-        if self.discarding {
+        if self.discarding() {
             // wsgate's close already went out on this output: drop what the peer still sends.
             self.wpos = self.scan;
+        } else {
+            self.unflushed_bytes += (self.scan - batch_start) as u64;
         }
     }
+
+    /// Checks what arrived of the text frame held at `scan`; approves it whole once it is
+    /// complete and valid. False while it waits for more bytes or broke the rule.
+    fn check_held_text(&mut self, buf: &mut RelayBuf) -> bool {
+        let payload_at = self.scan + usize::from(self.text.held_header);
+        let checked = self.text.checked as usize;
+        let end = self.filled.min(payload_at + self.frame_left as usize);
+        let mut verdict = Ok(());
+        if end > payload_at + checked {
+            verdict = self
+                .text
+                .feed(&mut buf[payload_at + checked..end], checked as u64);
+            // At most a buffer's length.
+            self.text.checked = (end - payload_at) as u16;
+        }
+        let complete = self.text.checked as u64 == self.frame_left;
+        if verdict.is_ok() && complete {
+            verdict = self.text.frame_done();
+        }
+        if let Err(e) = verdict {
+            self.violate(e.into(), false);
+            return false;
+        }
+        if !complete {
+            return false;
+        }
+        self.scan = payload_at + self.frame_left as usize;
+        self.frame_left = 0;
+        true
+    }
+}
+
+/// Removes the `len` bytes at `at` from the unapproved bytes before `filled`.
+fn cut(buf: &mut [u8], at: usize, len: usize, filled: &mut usize) {
+    buf.copy_within(at + len..*filled, at);
+    *filled -= len;
 }
 
 /// Token bucket for `max_frame_rate`: burst of one period's worth.
@@ -831,23 +1166,63 @@ impl TokenBucket {
     }
 }
 
-/// A broken rule on one input.
-#[derive(Debug, Clone, Copy)]
-enum Violation {
-    Frame(FrameError),
+/// A broken rule on one input: what decides the close frame (one byte, where a
+/// [`FrameError`] carries details for logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Violation {
+    /// Framing, masking, opcode, RSV bits, control frame or close code.
+    Protocol,
+    /// A frame over `max_frame_size`.
+    TooBig,
+    /// A text message or close reason that is not UTF-8.
+    InvalidUtf8,
+    /// Over `max_frame_rate`.
     RateLimit,
+}
+
+impl Violation {
+    /// The close frame to the side that broke the rule.
+    fn close_frame(self) -> CloseFrame {
+        match self {
+            Violation::Protocol => CloseFrame::new(close_code::PROTOCOL_ERROR, "protocol error"),
+            Violation::TooBig => CloseFrame::new(close_code::MESSAGE_TOO_BIG, "frame too big"),
+            Violation::InvalidUtf8 => CloseFrame::new(close_code::INVALID_PAYLOAD, "invalid UTF-8"),
+            Violation::RateLimit => CloseFrame::new(close_code::POLICY_VIOLATION, "rate limit"),
+        }
+    }
+}
+
+impl From<FrameError> for Violation {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Protocol(_) => Violation::Protocol,
+            FrameError::TooBig { .. } => Violation::TooBig,
+            FrameError::InvalidUtf8 => Violation::InvalidUtf8,
+        }
+    }
 }
 
 /// Where the tunnel is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Relaying,
-    /// Flushing and shutting both outputs.
-    ShuttingDown,
-    /// Reading and dropping what is left so the sockets close without a reset.
-    Lingering,
+    /// Flushing and shutting both outputs; each flag says that output is shut.
+    ShuttingDown {
+        client: bool,
+        upstream: bool,
+    },
+    /// Reading and dropping what is left so the sockets close without a reset; each flag
+    /// says that input reached its end.
+    Lingering {
+        client: bool,
+        upstream: bool,
+    },
     Done,
 }
+
+/// How often a direction held up by backpressure asks its unread source whether the peer
+/// reset or closed (see [`crate::ws::peer`]).
+const PEER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Most loop turns one poll may take before yielding to other tasks.
 const MAX_TURNS_PER_POLL: u32 = 32;
@@ -867,14 +1242,14 @@ pub struct Tunnel<C, U> {
     last_data: Instant,
     timer: Pin<Box<Sleep>>,
     timer_at: Instant,
-    /// Set once a close started: by then both sides must be done.
+    /// Set once a close started: by then both sides must be done. After relaying, the end
+    /// of the shutdown and lingering.
     deadline: Option<Instant>,
-    /// wsgate decided to close (timeouts, violations, requests).
-    proxy_closing: bool,
+    /// Why wsgate closes, once it decided to (timeouts, violations, requests, a lost side).
+    closing: Option<CloseReason>,
     /// Who closed first, with what code and reason.
     first_close: Option<(Initiator, Option<u16>, &'static str)>,
     phase: Phase,
-    linger_until: Option<Instant>,
     pong_timeouts: u64,
     idle_timeouts: u64,
     /// When the tunnel started, on the tokio clock.
@@ -935,36 +1310,71 @@ where
             timer: Box::pin(tokio::time::sleep_until(first)),
             timer_at: first,
             deadline: None,
-            proxy_closing: false,
+            closing: None,
             first_close: None,
             phase: Phase::Relaying,
-            linger_until: None,
             pong_timeouts: 0,
             idle_timeouts: 0,
             start_clock: now,
         }
     }
 
-    /// wsgate closes: `to_client` and `to_upstream` go out at the next frame boundaries.
-    fn proxy_close(&mut self, to_client: CloseFrame, to_upstream: CloseFrame, now: Instant) {
-        if self.proxy_closing {
+    /// wsgate closes, for `reason`: the close frames of design.md's table go out at the
+    /// next frame boundaries (the upstream's held until the client answered, for the
+    /// client-first reasons). Only the first reason counts.
+    fn proxy_close(&mut self, reason: CloseReason, now: Instant) {
+        if self.closing.is_some() {
             return;
         }
-        self.proxy_closing = true;
+        self.closing = Some(reason);
+        let (to_client, to_upstream) = reason.frames();
         if self.first_close.is_none() {
-            self.first_close = Some((Initiator::Proxy, Some(to_client.code), to_client.reason));
+            self.first_close = Some(match reason {
+                CloseReason::ClientGone => (Initiator::Client, None, "client gone"),
+                CloseReason::UpstreamGone => (Initiator::Upstream, None, "upstream gone"),
+                _ => (
+                    Initiator::Proxy,
+                    to_client.map(|f| f.code),
+                    to_client.map_or("", |f| f.reason),
+                ),
+            });
         }
-        let mut payload = [0u8; 125];
-        if !self.u2c.dst_closed && !self.u2c.dst_failed {
-            let n = codec::close_payload(to_client.code, to_client.reason, &mut payload);
-            self.u2c.queue(OpCode::Close, &payload[..n], None);
+        if let Some(frame) = to_client {
+            self.u2c.queue_close(frame);
         }
-        if !self.c2u.dst_closed && !self.c2u.dst_failed {
-            let n = codec::close_payload(to_upstream.code, to_upstream.reason, &mut payload);
-            self.c2u
-                .queue(OpCode::Close, &payload[..n], Some(codec::random_mask()));
+        if let Some(frame) = to_upstream {
+            if reason.client_first() && !self.c2u.src_done() && self.c2u.dest == Dest::Open {
+                // Sent by `release_held_close`.
+                self.c2u.dest = Dest::CloseHeld;
+            } else {
+                self.c2u.queue_close(frame);
+            }
+        }
+        // A vanished side says nothing more. When it left a frame unfinished towards the
+        // other peer, no close frame can follow it: both sockets are shut at once.
+        let gone = match reason {
+            CloseReason::ClientGone => Some(&mut self.c2u),
+            CloseReason::UpstreamGone => Some(&mut self.u2c),
+            _ => None,
+        };
+        if let Some(half) = gone {
+            half.end_source(Source::Abandoned);
+            if !half.at_boundary() {
+                self.deadline = Some(now);
+            }
         }
         self.start_deadline(now);
+    }
+
+    /// The client answered wsgate's close (or ended, or ran out of time): the upstream gets
+    /// its close now.
+    fn release_held_close(&mut self) {
+        if self.c2u.dest != Dest::CloseHeld {
+            return;
+        }
+        if let Some((_, Some(frame))) = self.closing.map(CloseReason::frames) {
+            self.c2u.queue_close(frame);
+        }
     }
 
     fn start_deadline(&mut self, now: Instant) {
@@ -994,109 +1404,50 @@ where
             let ms = now.saturating_duration_since(self.started()).as_millis() as u64;
             self.record.last_activity_ms.store(ms, Ordering::Relaxed);
         }
-
-        // Close frames from the peers: forwarded as they are; the other side answers.
-        if let Some(code) = self.c2u.src_close {
-            if self.first_close.is_none() {
-                self.first_close = Some((Initiator::Client, Some(code), ""));
+        if self.c2u.source == Source::Open && self.u2c.source == Source::Open {
+            // The common case: nothing ended.
+            if self.c2u.dest.writable() && self.u2c.dest.writable() {
+                return;
             }
-            self.start_deadline(now);
         }
-        if let Some(code) = self.u2c.src_close {
-            if self.first_close.is_none() {
-                self.first_close = Some((Initiator::Upstream, Some(code), ""));
-            }
-            self.start_deadline(now);
-        }
-
-        if let Some(v) = self.c2u.violation.take() {
-            let (code, reason) = match v {
-                Violation::Frame(e) => (e.close_code(), e.close_reason()),
-                Violation::RateLimit => (1008, "rate limit"),
-            };
-            self.proxy_close(
-                CloseFrame { code, reason },
-                CloseFrame {
-                    code: 1001,
-                    reason: "client error",
-                },
-                now,
-            );
-        }
-        if let Some(_v) = self.u2c.violation.take() {
-            self.proxy_close(
-                CloseFrame {
-                    code: 1014,
-                    reason: "bad gateway",
-                },
-                CloseFrame {
-                    code: 1002,
-                    reason: "protocol error",
-                },
-                now,
-            );
-        }
-
-        // A side that vanished without a close frame.
-        let client_gone =
-            (self.c2u.src_dropped || self.u2c.dst_failed) && self.c2u.src_close.is_none();
-        let upstream_gone =
-            (self.u2c.src_dropped || self.c2u.dst_failed) && self.u2c.src_close.is_none();
-        if client_gone && !self.proxy_closing {
-            if self.first_close.is_none() {
-                self.first_close = Some((Initiator::Client, None, "client gone"));
-            }
-            self.proxy_close_one_side_gone(
-                CloseFrame {
-                    code: 1001,
-                    reason: "client gone",
-                },
-                Direction::ClientToUpstream,
-                now,
-            );
-        } else if upstream_gone && !self.proxy_closing {
-            if self.first_close.is_none() {
-                self.first_close = Some((Initiator::Upstream, None, "upstream gone"));
-            }
-            self.proxy_close_one_side_gone(
-                CloseFrame {
-                    code: 1014,
-                    reason: "bad gateway",
-                },
-                Direction::UpstreamToClient,
-                now,
-            );
-        }
+        self.handle_ends(now);
     }
 
-    /// One peer vanished: tell the other one (if no close went its way yet) and stop.
-    fn proxy_close_one_side_gone(&mut self, frame: CloseFrame, towards: Direction, now: Instant) {
-        self.proxy_closing = true;
-        let half = match towards {
-            Direction::ClientToUpstream => &mut self.c2u,
-            Direction::UpstreamToClient => &mut self.u2c,
+    /// A side closed, dropped, broke a rule or cannot be written.
+    #[cold]
+    fn handle_ends(&mut self, now: Instant) {
+        // Close frames from the peers: forwarded as they are; the other side answers.
+        for (half, initiator) in [
+            (&self.c2u, Initiator::Client),
+            (&self.u2c, Initiator::Upstream),
+        ] {
+            if let Source::Closed(code) = half.source {
+                if self.first_close.is_none() {
+                    self.first_close = Some((initiator, Some(code), ""));
+                }
+                if self.deadline.is_none() {
+                    self.deadline = Some(now + self.settings.timeouts.close);
+                }
+            }
+        }
+        if let Source::Violated(v) = self.c2u.source {
+            self.proxy_close(CloseReason::Client(v), now);
+        }
+        if let Source::Violated(v) = self.u2c.source {
+            self.proxy_close(CloseReason::Upstream(v), now);
+        }
+        // A side that vanished without a close frame.
+        let gone = |half: &Half, other: &Half| {
+            (matches!(half.source, Source::Dropped { .. }) || other.dest == Dest::Failed)
+                && !matches!(half.source, Source::Closed(_))
         };
-        if !half.dst_closed && !half.dst_failed {
-            let mut payload = [0u8; 125];
-            let n = codec::close_payload(frame.code, frame.reason, &mut payload);
-            let mask = match towards {
-                Direction::ClientToUpstream => Some(codec::random_mask()),
-                Direction::UpstreamToClient => None,
-            };
-            half.queue(OpCode::Close, &payload[..n], mask);
+        if gone(&self.c2u, &self.u2c) {
+            self.proxy_close(CloseReason::ClientGone, now);
+        } else if gone(&self.u2c, &self.c2u) {
+            self.proxy_close(CloseReason::UpstreamGone, now);
         }
-        // The vanished side left a frame unfinished towards the other peer: no close frame
-        // can follow it, so there is nothing to wait for; both sockets are shut at once.
-        let mid_frame = !half.at_boundary();
-        // The vanished side will say nothing more.
-        match towards {
-            Direction::ClientToUpstream => self.c2u.src_done = true,
-            Direction::UpstreamToClient => self.u2c.src_done = true,
-        }
-        if mid_frame {
-            self.deadline = Some(now);
-        } else {
-            self.start_deadline(now);
+        if self.c2u.dest == Dest::CloseHeld && self.c2u.src_done() {
+            self.release_held_close();
         }
     }
 
@@ -1106,7 +1457,7 @@ where
 
     /// Fires the keepalive and idle timers.
     fn run_timers(&mut self, now: Instant) {
-        if self.proxy_closing || self.deadline.is_some() {
+        if self.closing.is_some() || self.deadline.is_some() {
             return;
         }
         match self.client_ka.poll(now) {
@@ -1116,17 +1467,7 @@ where
             }
             KeepaliveAction::Dead => {
                 self.pong_timeouts += 1;
-                self.proxy_close(
-                    CloseFrame {
-                        code: 1001,
-                        reason: "ping timeout",
-                    },
-                    CloseFrame {
-                        code: 1001,
-                        reason: "client unresponsive",
-                    },
-                    now,
-                );
+                self.proxy_close(CloseReason::PingTimeout, now);
                 return;
             }
             KeepaliveAction::None => {}
@@ -1138,29 +1479,76 @@ where
                     .queue(OpCode::Ping, &token, Some(codec::random_mask()))
             }
             KeepaliveAction::Dead => {
-                self.proxy_close(
-                    CloseFrame {
-                        code: 1014,
-                        reason: "upstream unresponsive",
-                    },
-                    CloseFrame {
-                        code: 1001,
-                        reason: "ping timeout",
-                    },
-                    now,
-                );
+                self.proxy_close(CloseReason::UpstreamUnresponsive, now);
                 return;
             }
             KeepaliveAction::None => {}
         }
         if now >= self.last_data + self.settings.timeouts.idle {
             self.idle_timeouts += 1;
-            let idle = CloseFrame {
-                code: 1001,
-                reason: "idle timeout",
-            };
-            self.proxy_close(idle, idle, now);
+            self.proxy_close(CloseReason::Idle, now);
         }
+    }
+
+    /// The close deadline passed. A client that never answered wsgate's close is given up
+    /// on: the upstream gets its held close and one more `timeouts.close` to answer it.
+    /// Otherwise the tunnel ends here.
+    fn deadline_passed(&mut self, now: Instant) -> bool {
+        if self.c2u.dest != Dest::CloseHeld {
+            return true;
+        }
+        self.c2u.end_source(Source::Abandoned);
+        self.release_held_close();
+        self.deadline = Some(now + self.settings.timeouts.close);
+        false
+    }
+
+    /// The next probe of a held-up direction's source: on a one-second grid from the
+    /// tunnel's start, so no state is kept for it.
+    fn next_probe(&self, now: Instant) -> Instant {
+        let ticks = now.saturating_duration_since(self.start_clock).as_millis()
+            / PEER_PROBE_INTERVAL.as_millis()
+            + 1;
+        self.start_clock + PEER_PROBE_INTERVAL * ticks as u32
+    }
+
+    /// A held-up direction cannot read its source, so it asks the socket: a peer that
+    /// reset is gone at once; one that closed its side gets `timeouts.close` for the
+    /// stalled side to take what it sent before.
+    #[cold]
+    fn probe_peers(&mut self, now: Instant) {
+        let client = match self.client.socket() {
+            Some(tcp) if self.c2u.held_up() => peer::peer_state(tcp),
+            _ => PeerState::Open,
+        };
+        let upstream = match self.upstream.socket() {
+            Some(tcp) if self.u2c.held_up() => peer::peer_state(tcp),
+            _ => PeerState::Open,
+        };
+        for (state, half, initiator, reason) in [
+            (client, &mut self.c2u, Initiator::Client, "client gone"),
+            (
+                upstream,
+                &mut self.u2c,
+                Initiator::Upstream,
+                "upstream gone",
+            ),
+        ] {
+            match state {
+                PeerState::Open => {}
+                PeerState::Reset => half.end_of_input(true),
+                PeerState::Closed => {
+                    if self.first_close.is_none() {
+                        self.first_close = Some((initiator, None, reason));
+                    }
+                    if self.deadline.is_none() {
+                        self.deadline = Some(now + self.settings.timeouts.close);
+                    }
+                }
+            }
+        }
+        // A reset is acted on like any other end of input.
+        self.handle_ends(now);
     }
 
     /// The next instant a timer has something to do.
@@ -1215,27 +1603,14 @@ where
 
     fn outcome(&self) -> Outcome {
         let (initiator, code, reason) = self.first_close.unwrap_or((Initiator::Proxy, None, ""));
-        // Which sides went silent: a ping timeout names one, an idle timeout both.
-        let (client_silent, upstream_silent) = match reason {
-            "ping timeout" => (true, false),
-            "upstream unresponsive" => (false, true),
-            "idle timeout" => (true, true),
-            _ => (false, false),
-        };
-        let end = |half: &Half, timed_out: bool| {
-            if half.src_close.is_some() {
-                SideEnd::Close
-            } else if half.violation.is_some() {
-                SideEnd::Protocol
-            } else if half.src_reset {
-                SideEnd::Reset
-            } else if half.src_eof && !timed_out {
-                SideEnd::Eof
-            } else if timed_out {
-                SideEnd::Timeout
-            } else {
-                SideEnd::Closed
-            }
+        let (client_silent, upstream_silent) = self.closing.map_or((false, false), |r| r.silent());
+        let end = |half: &Half, timed_out: bool| match half.source {
+            Source::Closed(_) => SideEnd::Close,
+            Source::Violated(_) => SideEnd::Protocol,
+            Source::Dropped { reset: true } => SideEnd::Reset,
+            Source::Dropped { reset: false } if !timed_out => SideEnd::Eof,
+            _ if timed_out => SideEnd::Timeout,
+            _ => SideEnd::Closed,
         };
         Outcome {
             initiator,
@@ -1245,6 +1620,10 @@ where
             idle_timeouts: self.idle_timeouts,
             client_end: end(&self.c2u, client_silent),
             upstream_end: end(&self.u2c, upstream_silent),
+            undeliverable: [
+                u64::from(self.c2u.undeliverable),
+                u64::from(self.u2c.undeliverable),
+            ],
         }
     }
 
@@ -1252,19 +1631,21 @@ where
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // One clock reading per wake-up: the turns below take microseconds.
         let now = Instant::now();
-        if !self.proxy_closing {
+        if self.closing.is_none() {
             if let Some(request) = self.record.poll_close_request(cx.waker()) {
                 let reason = match request {
-                    CloseRequest::Operator => "closed by operator",
-                    CloseRequest::Drain => "going away",
+                    CloseRequest::Operator => CloseReason::Operator,
+                    CloseRequest::Drain => CloseReason::Drain,
                 };
-                let frame = CloseFrame { code: 1001, reason };
-                self.proxy_close(frame, frame, now);
+                self.proxy_close(reason, now);
             }
         }
         // Timers once per wake-up: with the clock fixed, traffic in the turns below can
         // only push their deadlines later.
         self.run_timers(now);
+        if self.timer.is_elapsed() && (self.c2u.held_up() || self.u2c.held_up()) {
+            self.probe_peers(now);
+        }
         self.c2u.src_quiet = false;
         self.u2c.src_quiet = false;
         let polled = self.relay_turns(cx, now);
@@ -1302,12 +1683,15 @@ where
             progressed |= self.c2u.poll_write(&mut self.upstream, cx);
             progressed |= self.u2c.poll_write(&mut self.client, cx);
 
-            let both_done = self.c2u.src_done && self.u2c.src_done;
+            let both_done = self.c2u.src_done() && self.u2c.src_done();
             if both_done && self.c2u.flushed() && self.u2c.flushed() {
                 return Poll::Ready(());
             }
             if self.deadline.is_some_and(|d| now >= d) {
-                return Poll::Ready(());
+                if self.deadline_passed(now) {
+                    return Poll::Ready(());
+                }
+                continue;
             }
             if progressed {
                 continue;
@@ -1315,7 +1699,10 @@ where
             // Traffic only pushes deadlines later, so the timer is re-armed lazily: moved
             // earlier at once, moved later only after it fires. Busy tunnels then touch the
             // timer wheel about once per interval instead of once per read.
-            let next = self.next_deadline();
+            let mut next = self.next_deadline();
+            if self.c2u.held_up() || self.u2c.held_up() {
+                next = next.min(self.next_probe(now));
+            }
             if next < self.timer_at || self.timer.is_elapsed() {
                 self.timer_at = next;
                 self.timer.as_mut().reset(next);
@@ -1331,41 +1718,40 @@ where
         Poll::Pending
     }
 
-    /// Shuts both outputs (FIN, or TLS close_notify then FIN).
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.u2c.dst_shut {
-            match Pin::new(&mut self.client).poll_shutdown(cx) {
-                Poll::Ready(_) => self.u2c.dst_shut = true,
-                Poll::Pending => {}
-            }
+    /// Shuts both outputs (FIN, or TLS close_notify then FIN); true when both are shut.
+    fn poll_shutdown(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut bool,
+        upstream: &mut bool,
+    ) -> bool {
+        if !*client {
+            *client = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
         }
-        if !self.c2u.dst_shut {
-            match Pin::new(&mut self.upstream).poll_shutdown(cx) {
-                Poll::Ready(_) => self.c2u.dst_shut = true,
-                Poll::Pending => {}
-            }
+        if !*upstream {
+            *upstream = Pin::new(&mut self.upstream).poll_shutdown(cx).is_ready();
         }
-        if self.u2c.dst_shut && self.c2u.dst_shut {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        *client && *upstream
     }
 
-    /// Reads and drops input until both peers closed their side, so no reset is sent.
-    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Reads and drops input until both peers closed their side, so no reset is sent;
+    /// true when both did.
+    fn poll_linger(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut bool,
+        upstream: &mut bool,
+    ) -> bool {
         let mut scratch = [0u8; 512];
-        if !self.c2u.src_eof {
-            self.c2u.src_eof = drain_to_eof(&mut self.client, &mut scratch, cx);
+        if !*client && drain_to_eof(&mut self.client, &mut scratch, cx) {
+            *client = true;
+            self.c2u.end_source(Source::Dropped { reset: false });
         }
-        if !self.u2c.src_eof {
-            self.u2c.src_eof = drain_to_eof(&mut self.upstream, &mut scratch, cx);
+        if !*upstream && drain_to_eof(&mut self.upstream, &mut scratch, cx) {
+            *upstream = true;
+            self.u2c.end_source(Source::Dropped { reset: false });
         }
-        if self.c2u.src_eof && self.u2c.src_eof {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        *client && *upstream
     }
 
     /// Arms the timer for `at`; true when `at` has passed.
@@ -1416,27 +1802,49 @@ where
                     // so dropping the sockets sends a plain FIN. Otherwise input may still
                     // arrive, and closing over it would send a reset that can destroy the
                     // close frame just written: shut down and read what is left first.
-                    let finished = |h: &Half| h.src_close.is_some() || h.src_eof;
+                    let finished =
+                        |h: &Half| matches!(h.source, Source::Closed(_) | Source::Dropped { .. });
                     this.phase = if finished(&this.c2u) && finished(&this.u2c) {
                         Phase::Done
                     } else {
-                        this.linger_until = Some(Instant::now() + LINGER);
-                        Phase::ShuttingDown
+                        // The close deadline is spent: it now bounds the lingering.
+                        this.deadline = Some(Instant::now() + LINGER);
+                        Phase::ShuttingDown {
+                            client: false,
+                            upstream: false,
+                        }
                     };
                 }
-                Phase::ShuttingDown => {
-                    let until = this.linger_until.unwrap_or_else(Instant::now);
-                    if this.poll_shutdown(cx).is_ready() || this.timer_expired(until, cx) {
-                        this.phase = Phase::Lingering;
+                Phase::ShuttingDown {
+                    mut client,
+                    mut upstream,
+                } => {
+                    let until = this.deadline.unwrap_or_else(Instant::now);
+                    if this.poll_shutdown(cx, &mut client, &mut upstream)
+                        || this.timer_expired(until, cx)
+                    {
+                        // A side that sent its close frame is read to its EOF too.
+                        let ended = |h: &Half| matches!(h.source, Source::Dropped { .. });
+                        this.phase = Phase::Lingering {
+                            client: ended(&this.c2u),
+                            upstream: ended(&this.u2c),
+                        };
                     } else {
+                        this.phase = Phase::ShuttingDown { client, upstream };
                         return Poll::Pending;
                     }
                 }
-                Phase::Lingering => {
-                    let until = this.linger_until.unwrap_or_else(Instant::now);
-                    if this.poll_linger(cx).is_ready() || this.timer_expired(until, cx) {
+                Phase::Lingering {
+                    mut client,
+                    mut upstream,
+                } => {
+                    let until = this.deadline.unwrap_or_else(Instant::now);
+                    if this.poll_linger(cx, &mut client, &mut upstream)
+                        || this.timer_expired(until, cx)
+                    {
                         this.phase = Phase::Done;
                     } else {
+                        this.phase = Phase::Lingering { client, upstream };
                         return Poll::Pending;
                     }
                 }

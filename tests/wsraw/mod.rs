@@ -458,6 +458,17 @@ impl WsConn {
         frame
     }
 
+    /// Ends the connection with a TCP reset (SO_LINGER 0), as a crashed peer does.
+    pub fn reset(self) {
+        let stream = self
+            .reader
+            .io
+            .reunite(self.writer.io)
+            .expect("the two halves of one stream");
+        stream.set_zero_linger().expect("SO_LINGER 0");
+        drop(stream);
+    }
+
     pub fn split(self) -> (WsReader, WsWriter) {
         (self.reader, self.writer)
     }
