@@ -459,6 +459,116 @@ async fn sigterm_drains_fifty_websockets_spread_over_drain_spread() {
     assert!(exited_after <= grace + Duration::from_secs(2));
 }
 
+/// Clients streaming messages through a drain lose none of them: wsgate closes the client
+/// first and keeps relaying client -> upstream until the client answers, and only then
+/// sends the upstream its close. Every upstream counts exactly what its client sent
+/// before answering the close; none of the upstream's own messages sent after the client
+/// closed is delivered, and those are counted in `wsgate_undeliverable_frames_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_loses_no_message_a_client_sent_before_its_close() {
+    const CLIENTS: usize = 100;
+    let mut upstream = wsraw::WsUpstream::spawn().await;
+    let mut wsgate = Wsgate::start(&format!(
+        "{}{NO_RATE_LIMIT}\n[upstreams.app]\nservers = [\"{}\"]\n\n[routes.app]\npath = \"/app\"\nupstream = \"app\"\n",
+        timeouts("drain_spread = \"1s\"\nshutdown_grace = \"5s\""),
+        upstream.addr
+    ))
+    .await;
+    let mut streams = Vec::new();
+    for i in 0..CLIENTS {
+        let client = wsraw::connect(wsgate.public, &format!("/app/{i}")).await;
+        let up = upstream.accept().await;
+        streams.push((client, up));
+    }
+    let mut clients = Vec::new();
+    let mut upstreams = Vec::new();
+    for (client, up) in streams {
+        // The client sends numbered messages every 2 ms until wsgate's close arrives, then
+        // answers it: how many it sent before the answer is what the upstream must get.
+        clients.push(tokio::spawn(async move {
+            let (mut reader, mut writer) = client.split();
+            let mut sent = 0u32;
+            let close = loop {
+                tokio::select! {
+                    frame = next_frame(&mut reader, "wsgate's close") => {
+                        if frame.opcode == op::CLOSE {
+                            break frame;
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(2)) => {
+                        writer.send(&client_frame(op::TEXT, format!("m{sent}").as_bytes())).await;
+                        sent += 1;
+                    }
+                }
+            };
+            let _ = writer.try_send(&client_close(1001, "")).await;
+            let (_, ended) = reader.until_eof("the end of the client connection").await;
+            (sent, close, ended)
+        }));
+        // The upstream counts the client's messages until wsgate's close; meanwhile it
+        // keeps talking, and what it sends after the client closed cannot be delivered.
+        upstreams.push(tokio::spawn(async move {
+            let (mut reader, mut writer) = up.split();
+            let mut got = 0u32;
+            let close = loop {
+                tokio::select! {
+                    frame = next_frame(&mut reader, "the client's messages") => {
+                        if frame.opcode == op::CLOSE {
+                            break frame;
+                        }
+                        assert_eq!(frame.payload, format!("m{got}").into_bytes(), "in order");
+                        got += 1;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(3)) => {
+                        let _ = writer.try_send(&wsraw::server_frame(op::TEXT, b"news")).await;
+                    }
+                }
+            };
+            let _ = writer.try_send(&server_close(1001, "")).await;
+            let (_, ended) = reader.until_eof("the end of the upstream connection").await;
+            (got, close, ended)
+        }));
+    }
+    // Let every connection stream for a while, then drain.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wsgate.signal("TERM");
+    let mut total = 0u64;
+    for (i, (client, up)) in clients.into_iter().zip(upstreams).enumerate() {
+        let (sent, close, ended) = within("a drained client", client)
+            .await
+            .expect("client task");
+        assert_eq!(
+            close.close(),
+            (1001, "going away".to_string()),
+            "client {i}"
+        );
+        assert_eq!(ended, Ended::Eof, "client {i}");
+        let (got, close, ended) = within("an upstream side", up).await.expect("upstream task");
+        assert_eq!(
+            close.close(),
+            (1001, "going away".to_string()),
+            "upstream {i}"
+        );
+        assert_eq!(ended, Ended::Eof, "upstream {i}");
+        assert_eq!(
+            got, sent,
+            "connection {i}: the upstream got {got} of {sent} messages"
+        );
+        total += u64::from(sent);
+    }
+    assert!(
+        total >= CLIENTS as u64 * 10,
+        "the clients were streaming: {total} messages"
+    );
+    let status = wsgate.wait_exit(Duration::from_secs(7)).await;
+    assert!(status.is_some_and(|s| s.success()), "{}", wsgate.log());
+    let log = wsgate.log();
+    assert!(
+        log.contains("undeliverable_upstream_to_client"),
+        "the access log counts undeliverable frames:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_the_drain_readyz_is_503_and_new_connections_are_refused() {
     let mut wsgate = Wsgate::start(&format!(
