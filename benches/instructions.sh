@@ -42,7 +42,7 @@ for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$up_port") 2>/dev/null && b
 
 # Instructions and operations for one window: "INSTRUCTIONS OPS".
 measure() {
-    local mode=$1 size=$2 conns=$3 duration=$4
+    local mode=$1 size=$2 conns=$3 duration=$4 text=${5:-}
     local plain admin out
     plain=$(port)
     admin=$(port)
@@ -71,7 +71,7 @@ EOF
     for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$plain") 2>/dev/null && break; sleep 0.1; done
     local ops
     ops=$("$bench" load --url "ws://127.0.0.1:$plain/" --mode "$mode" --size "$size" \
-        --conns "$conns" --duration "$duration" --warmup 0s |
+        --conns "$conns" --duration "$duration" --warmup 0s $text |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["ops"])')
     kill -INT "$pid"
     wait "$pid" || true
@@ -81,10 +81,12 @@ EOF
 }
 
 printf '| workload | instructions per operation |\n| --- | --- |\n'
-for spec in "handshake 32 16 handshakes" "echo 32 64 32-B-echo-round-trips" "echo 16384 64 16-KiB-echo-round-trips"; do
+for spec in "handshake 32 16 handshakes" "echo 32 64 32-B-echo-round-trips" \
+    "echo 16384 64 16-KiB-echo-round-trips" "echo 32 64 32-B-text-echo-round-trips --text" \
+    "echo 16384 64 16-KiB-text-echo-round-trips --text"; do
     set -- $spec
-    read -r i1 o1 < <(measure "$1" "$2" "$3" 2s)
-    read -r i2 o2 < <(measure "$1" "$2" "$3" 6s)
+    read -r i1 o1 < <(measure "$1" "$2" "$3" 2s "${5:-}")
+    read -r i2 o2 < <(measure "$1" "$2" "$3" 6s "${5:-}")
     if [ "$o2" -le "$o1" ]; then
         echo "$4: the long window completed no more operations than the short one" >&2
         exit 1

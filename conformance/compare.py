@@ -30,7 +30,7 @@ import json
 import sys
 
 # Close reasons wsgate itself sends to a client (docs: design "Tunnel" table).
-WSGATE_REASONS = {"protocol error", "frame too big", "invalid close reason", "rate limit"}
+WSGATE_REASONS = {"protocol error", "frame too big", "invalid UTF-8", "rate limit", "bad gateway"}
 
 
 def case_key(case_id: str) -> tuple[int, ...]:

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Autobahn|Testsuite conformance through wsgate: runs the fuzzingclient cases (with kosoku)
-# directly against a Python `websockets` echo upstream and through wsgate to the same
-# upstream, and requires the same verdict case by case. See conformance/README.md.
+# Autobahn|Testsuite conformance through wsgate, both directions, with kosoku:
+# - fuzzingclient: the suite as the client, directly against a Python `websockets` echo
+#   upstream and through wsgate to the same upstream;
+# - fuzzingserver (--server): the suite as the server, a tokio-tungstenite client
+#   (examples/autobahn_client.rs) directly against it and through wsgate (the suite as
+#   wsgate's upstream);
+# and requires the same verdict case by case. See conformance/README.md.
 #
 #   bash conformance/run.sh                      # cases 1-10 (20-50 s)
+#   bash conformance/run.sh --server             # and the fuzzingserver direction (+20 s)
 #   bash conformance/run.sh --compression        # cases 12-13, permessage-deflate (~18 minutes)
 #   bash conformance/run.sh --builtin-echo       # also cases 1-10 on wsgate's builtin echo route
+#   bash conformance/run.sh --all                # all 517 cases both ways, builtin echo too (~20 min)
 #   bash conformance/run.sh --cases "1.*,7.9.*" --out /tmp/conf   # keep verdicts and reports
 #   more options: --exclude "9.*" (case ids or globs), --reruns N (default 2: cases that differ
 #   are run again both ways; one that agrees on a rerun is reported as a timing flake),
@@ -25,6 +31,8 @@ CASES=$CASES_1_10
 EXCLUDE=""
 COMPRESSION=0
 BUILTIN=0
+SERVER=0
+ALL=0
 OUT=""
 TIMEOUT=""
 RERUNS=2
@@ -36,6 +44,8 @@ while [ $# -gt 0 ]; do
     --exclude) EXCLUDE=$2; shift 2 ;;
     --compression) COMPRESSION=1; CASES="12.*,13.*"; shift ;;
     --builtin-echo) BUILTIN=1; shift ;;
+    --server) SERVER=1; shift ;;
+    --all) ALL=1; SERVER=1; BUILTIN=1; CASES="$CASES_1_10,12.*,13.*"; shift ;;
     --out) OUT=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     --reruns) RERUNS=$2; shift 2 ;;
@@ -45,7 +55,7 @@ while [ $# -gt 0 ]; do
 done
 # Upper bound for one kosoku run (seconds); cases 1-10 take 20-50 s, 12-13 about 18 minutes.
 if [ -z "$TIMEOUT" ]; then
-    if [ "$COMPRESSION" = 1 ]; then TIMEOUT=1800; else TIMEOUT=300; fi
+    if [ "$COMPRESSION" = 1 ] || [ "$ALL" = 1 ]; then TIMEOUT=1800; else TIMEOUT=300; fi
 fi
 
 say() { echo "conformance: $*"; }
@@ -108,11 +118,16 @@ else
     BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/wsgate
 fi
 [ -x "$BIN" ] || fail_setup "no wsgate binary at $BIN"
+if [ "$SERVER" = 1 ]; then
+    (cd "$ROOT" && timeout 1800 cargo build --locked --quiet --example autobahn_client) ||
+        fail_setup "cargo build --example autobahn_client failed"
+    CLIENT=${CARGO_TARGET_DIR:-$ROOT/target}/debug/examples/autobahn_client
+fi
 
 # --- free loopback ports (asked of the kernel, then released) ---
-read -r UP_PORT GW_PORT < <("$PY" - <<'EOF'
+read -r UP_PORT GW_PORT SD_PORT SP_PORT < <("$PY" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -171,6 +186,15 @@ upstream = "echo_upstream"
 [routes.builtin]
 path = "/builtin-echo"
 builtin = "echo"
+
+# The fuzzingserver direction: the suite (kosoku's server) is the upstream.
+[upstreams.fuzzingserver]
+servers = ["127.0.0.1:$SP_PORT"]
+
+[routes.fuzzingserver]
+path = "/fuzzingserver"
+strip_prefix = true
+upstream = "fuzzingserver"
 EOF
 "$BIN" --config "$WORK/wsgate.toml" >"$WORK/wsgate.log" 2>&1 &
 PIDS+=($!)
@@ -248,6 +272,48 @@ if [ "$BUILTIN" = 1 ]; then
     fuzz_wait "$FUZZ_PID" builtin-echo || exit 1
     "$PY" "$HERE/compare.py" check "$WORK/builtin-echo.json" --label builtin-echo \
         --cases "$CASES" --expect "$HERE/expected-builtin-echo.json" || STATUS=1
+fi
+
+if [ "$SERVER" = 1 ]; then
+    # The suite serves the cases; the client runs them all, directly on one server and
+    # through wsgate on the other, side by side.
+    say "cases $CASES, fuzzingserver direction: client direct (ws://127.0.0.1:$SD_PORT) and through wsgate (ws://127.0.0.1:$GW_PORT/fuzzingserver)"
+    serve_start() { # NAME PORT
+        local args=("$HERE/serve.py" "$2" "$WORK/$1.json" --cases "$CASES")
+        [ -n "$EXCLUDE" ] && args+=(--exclude "$EXCLUDE")
+        [ -n "$OUT" ] && args+=(--reports "$WORK/reports-$1")
+        timeout "$TIMEOUT" "$PY" "${args[@]}" >"$WORK/fuzz-$1.log" 2>&1 &
+        PIDS+=($!)
+        SERVE_PID=$!
+        wait_port "$2" "$SERVE_PID" "fuzz-$1"
+    }
+    serve_start server-direct "$SD_PORT"
+    SD_PID=$SERVE_PID
+    serve_start server-proxied "$SP_PORT"
+    SP_PID=$SERVE_PID
+    timeout "$TIMEOUT" "$CLIENT" "ws://127.0.0.1:$SD_PORT" wsgate-client-direct \
+        >"$WORK/client-direct.log" 2>&1 &
+    CD_PID=$!
+    PIDS+=($CD_PID)
+    timeout "$TIMEOUT" "$CLIENT" "ws://127.0.0.1:$GW_PORT/fuzzingserver" wsgate-client-proxied \
+        >"$WORK/client-proxied.log" 2>&1 &
+    CP_PID=$!
+    PIDS+=($CP_PID)
+    RUN_OK=1
+    for run in "$CD_PID client-direct" "$CP_PID client-proxied" "$SD_PID server-direct" "$SP_PID server-proxied"; do
+        set -- $run
+        if ! wait "$1"; then
+            cat "$WORK/$2.log" "$WORK/fuzz-$2.log" 2>/dev/null | tail -20 >&2
+            echo "conformance: the $2 run failed or took longer than ${TIMEOUT}s" >&2
+            RUN_OK=0
+        fi
+    done
+    if [ "$RUN_OK" = 0 ]; then
+        STATUS=1
+    else
+        "$PY" "$HERE/compare.py" diff "$WORK/server-direct.json" "$WORK/server-proxied.json" \
+            --expect "$HERE/expected-server-direct-vs-proxy.json" || STATUS=1
+    fi
 fi
 
 if [ -s "$WORK/wsgate.log" ]; then

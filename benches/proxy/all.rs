@@ -64,8 +64,8 @@ pub struct Opts {
     /// Leave out a target: direct, wsgate, nginx or haproxy (repeatable).
     #[arg(long)]
     skip: Vec<String>,
-    /// Run only these workloads (comma-separated ids: echo32, echo16k, echo256k, paced, handshake,
-    /// handshake-tls, idle, idle-tls). Default: all.
+    /// Run only these workloads (comma-separated ids: echo32, echo16k, text32, text16k,
+    /// echo256k, paced, handshake, handshake-tls, idle, idle-tls). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// The wsgate binary (default: target/release/wsgate).
@@ -155,10 +155,18 @@ pub struct Workload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    Echo { size: usize },
+    /// `text`: text messages (UTF-8 checked by wsgate) instead of binary ones.
+    Echo {
+        size: usize,
+        text: bool,
+    },
     Paced,
-    Handshake { tls: bool },
-    Idle { tls: bool },
+    Handshake {
+        tls: bool,
+    },
+    Idle {
+        tls: bool,
+    },
 }
 
 fn workloads() -> Vec<Workload> {
@@ -166,17 +174,42 @@ fn workloads() -> Vec<Workload> {
         Workload {
             id: "echo32-1",
             title: "32 B echo, 64 conns (run 1)",
-            kind: Kind::Echo { size: 32 },
+            kind: Kind::Echo {
+                size: 32,
+                text: false,
+            },
         },
         Workload {
             id: "echo16k",
             title: "16 KiB echo, 64 conns",
-            kind: Kind::Echo { size: 16 * 1024 },
+            kind: Kind::Echo {
+                size: 16 * 1024,
+                text: false,
+            },
+        },
+        Workload {
+            id: "text32",
+            title: "32 B text echo, 64 conns",
+            kind: Kind::Echo {
+                size: 32,
+                text: true,
+            },
+        },
+        Workload {
+            id: "text16k",
+            title: "16 KiB text echo, 64 conns",
+            kind: Kind::Echo {
+                size: 16 * 1024,
+                text: true,
+            },
         },
         Workload {
             id: "echo256k",
             title: "256 KiB echo, 64 conns",
-            kind: Kind::Echo { size: 256 * 1024 },
+            kind: Kind::Echo {
+                size: 256 * 1024,
+                text: false,
+            },
         },
         Workload {
             id: "paced",
@@ -186,7 +219,10 @@ fn workloads() -> Vec<Workload> {
         Workload {
             id: "echo32-2",
             title: "32 B echo, 64 conns (run 2)",
-            kind: Kind::Echo { size: 32 },
+            kind: Kind::Echo {
+                size: 32,
+                text: false,
+            },
         },
         Workload {
             id: "handshake",
@@ -916,7 +952,10 @@ impl LoadCtx<'_> {
             secs(p.warmup),
         ];
         let planned = match w.kind {
-            Kind::Echo { size } => {
+            Kind::Echo { size, text } => {
+                if text {
+                    args.push("--text".into());
+                }
                 args.extend([
                     "--mode".into(),
                     "echo".into(),

@@ -72,6 +72,10 @@ pub struct Opts {
     /// Message payload in bytes.
     #[arg(long, default_value_t = 32)]
     pub size: usize,
+    /// Echo: text messages (valid UTF-8, a quarter of the characters multi-byte) instead of
+    /// binary ones, so the proxy's UTF-8 check is part of the cost.
+    #[arg(long)]
+    pub text: bool,
     /// Measured time (echo, paced, handshake).
     #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
     pub duration: Duration,
@@ -311,12 +315,30 @@ fn payload(size: usize) -> Vec<u8> {
     (0..size).map(|i| (i * 31 + 7) as u8).collect()
 }
 
+/// Exactly `size` bytes of UTF-8 text: ASCII with a 2-, 3- and 4-byte character in every
+/// 16 characters (padded with ASCII at the end).
+fn text_payload(size: usize) -> Vec<u8> {
+    let pattern = "wsgate relays κ€😀 every frame ";
+    let mut out = String::with_capacity(size);
+    for c in pattern.chars().cycle() {
+        if out.len() + c.len_utf8() > size {
+            break;
+        }
+        out.push(c);
+    }
+    while out.len() < size {
+        out.push('.');
+    }
+    out.into_bytes()
+}
+
 fn base_json(opts: &Opts, mode: &str) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
     m.insert("mode".into(), mode.into());
     m.insert("url".into(), opts.url.clone().into());
     m.insert("conns".into(), opts.conns.into());
     m.insert("size".into(), opts.size.into());
+    m.insert("text".into(), opts.text.into());
     m
 }
 
@@ -366,7 +388,8 @@ async fn round_trip(
     conn.write_all(msg).await?;
     conn.flush().await?;
     let frame = reader.read_frame(conn).await?;
-    if frame.opcode != ws::OP_BINARY || reader.payload(&frame) != expect {
+    let opcode = msg.first().map_or(0, |b| b & 0x0f);
+    if frame.opcode != opcode || reader.payload(&frame) != expect {
         return Err(io::Error::other(format!(
             "bad echo: opcode {} length {} (sent {})",
             frame.opcode,
@@ -402,8 +425,12 @@ async fn echo(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     let t0 = Instant::now();
     let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
     let sampler = Sampler::start(opts.watch.clone(), t1, t2);
-    let data = payload(opts.size);
-    let msg = Rc::new(ws::client_frame(ws::OP_BINARY, &data));
+    let (opcode, data) = if opts.text {
+        (ws::OP_TEXT, text_payload(opts.size))
+    } else {
+        (ws::OP_BINARY, payload(opts.size))
+    };
+    let msg = Rc::new(ws::client_frame(opcode, &data));
     let data = Rc::new(data);
     let mut tasks = Vec::new();
     for (mut conn, mut reader) in conns {

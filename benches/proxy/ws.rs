@@ -14,6 +14,7 @@ const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Largest request or response head the harness reads; real ones here are a few hundred bytes.
 pub const MAX_HEAD: usize = 16 * 1024;
 
+pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
