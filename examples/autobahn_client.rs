@@ -32,7 +32,10 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("autobahn_client: {count} cases from {base}");
     for case in 1..=count {
         let url = format!("{base}/runCase?case={case}&agent={agent}");
-        if tokio::time::timeout(CASE_LIMIT, run_case(&url)).await.is_err() {
+        if tokio::time::timeout(CASE_LIMIT, run_case(&url))
+            .await
+            .is_err()
+        {
             eprintln!("autobahn_client: case {case} took longer than {CASE_LIMIT:?}");
         }
     }
@@ -62,7 +65,8 @@ async fn run_case(url: &str) {
     let config = WebSocketConfig::default()
         .max_message_size(None)
         .max_frame_size(None);
-    let Ok((mut ws, _)) = tokio_tungstenite::connect_async_with_config(url, Some(config), false).await
+    let Ok((mut ws, _)) =
+        tokio_tungstenite::connect_async_with_config(url, Some(config), false).await
     else {
         return;
     };

@@ -65,7 +65,7 @@ pub struct Opts {
     #[arg(long)]
     skip: Vec<String>,
     /// Run only these workloads (comma-separated ids: echo32, echo16k, text32, text16k,
-    /// echo256k, paced, handshake, handshake-tls, idle, idle-tls). Default: all.
+    /// text16k-mixed, echo256k, paced, handshake, handshake-tls, idle, idle-tls). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// The wsgate binary (default: target/release/wsgate).
@@ -155,10 +155,11 @@ pub struct Workload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// `text`: text messages (UTF-8 checked by wsgate) instead of binary ones.
+    /// `text`: text messages of this kind (`load --text`), UTF-8 checked by wsgate,
+    /// instead of binary ones.
     Echo {
         size: usize,
-        text: bool,
+        text: Option<&'static str>,
     },
     Paced,
     Handshake {
@@ -176,7 +177,7 @@ fn workloads() -> Vec<Workload> {
             title: "32 B echo, 64 conns (run 1)",
             kind: Kind::Echo {
                 size: 32,
-                text: false,
+                text: None,
             },
         },
         Workload {
@@ -184,23 +185,31 @@ fn workloads() -> Vec<Workload> {
             title: "16 KiB echo, 64 conns",
             kind: Kind::Echo {
                 size: 16 * 1024,
-                text: false,
+                text: None,
             },
         },
         Workload {
             id: "text32",
-            title: "32 B text echo, 64 conns",
+            title: "32 B text (JSON) echo, 64 conns",
             kind: Kind::Echo {
                 size: 32,
-                text: true,
+                text: Some("json"),
             },
         },
         Workload {
             id: "text16k",
-            title: "16 KiB text echo, 64 conns",
+            title: "16 KiB text (JSON) echo, 64 conns",
             kind: Kind::Echo {
                 size: 16 * 1024,
-                text: true,
+                text: Some("json"),
+            },
+        },
+        Workload {
+            id: "text16k-mixed",
+            title: "16 KiB text (1 in 10 chars multi-byte) echo, 64 conns",
+            kind: Kind::Echo {
+                size: 16 * 1024,
+                text: Some("mixed"),
             },
         },
         Workload {
@@ -208,7 +217,7 @@ fn workloads() -> Vec<Workload> {
             title: "256 KiB echo, 64 conns",
             kind: Kind::Echo {
                 size: 256 * 1024,
-                text: false,
+                text: None,
             },
         },
         Workload {
@@ -221,7 +230,7 @@ fn workloads() -> Vec<Workload> {
             title: "32 B echo, 64 conns (run 2)",
             kind: Kind::Echo {
                 size: 32,
-                text: false,
+                text: None,
             },
         },
         Workload {
@@ -953,8 +962,8 @@ impl LoadCtx<'_> {
         ];
         let planned = match w.kind {
             Kind::Echo { size, text } => {
-                if text {
-                    args.push("--text".into());
+                if let Some(kind) = text {
+                    args.extend(["--text".into(), kind.into()]);
                 }
                 args.extend([
                     "--mode".into(),

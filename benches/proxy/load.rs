@@ -59,6 +59,12 @@ pub enum Mode {
     Idle,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    Json,
+    Mixed,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
     /// ws://HOST:PORT/PATH or wss://HOST:PORT/PATH.
@@ -72,10 +78,11 @@ pub struct Opts {
     /// Message payload in bytes.
     #[arg(long, default_value_t = 32)]
     pub size: usize,
-    /// Echo: text messages (valid UTF-8, a quarter of the characters multi-byte) instead of
-    /// binary ones, so the proxy's UTF-8 check is part of the cost.
-    #[arg(long)]
-    pub text: bool,
+    /// Echo: text messages instead of binary ones, so the proxy's UTF-8 check is part of
+    /// the cost: `json` (chat-like JSON, ASCII but for one accented letter per object) or
+    /// `mixed` (one character in ten multi-byte: 2-, 3- and 4-byte ones).
+    #[arg(long, value_enum)]
+    pub text: Option<TextKind>,
     /// Measured time (echo, paced, handshake).
     #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
     pub duration: Duration,
@@ -315,10 +322,15 @@ fn payload(size: usize) -> Vec<u8> {
     (0..size).map(|i| (i * 31 + 7) as u8).collect()
 }
 
-/// Exactly `size` bytes of UTF-8 text: ASCII with a 2-, 3- and 4-byte character in every
-/// 16 characters (padded with ASCII at the end).
-fn text_payload(size: usize) -> Vec<u8> {
-    let pattern = "wsgate relays κ€😀 every frame ";
+/// Exactly `size` bytes of UTF-8 text of `kind`, the pattern repeated (padded with ASCII
+/// at the end).
+fn text_payload(kind: TextKind, size: usize) -> Vec<u8> {
+    let pattern = match kind {
+        TextKind::Json => {
+            r#"{"seq":1042,"user":"maría","room":"lobby","text":"see you at the station at five, bring the tickets"},"#
+        }
+        TextKind::Mixed => "wsgate relays κ€😀 every frame ",
+    };
     let mut out = String::with_capacity(size);
     for c in pattern.chars().cycle() {
         if out.len() + c.len_utf8() > size {
@@ -338,7 +350,8 @@ fn base_json(opts: &Opts, mode: &str) -> serde_json::Map<String, Value> {
     m.insert("url".into(), opts.url.clone().into());
     m.insert("conns".into(), opts.conns.into());
     m.insert("size".into(), opts.size.into());
-    m.insert("text".into(), opts.text.into());
+    let text = opts.text.map(|k| format!("{k:?}").to_lowercase());
+    m.insert("text".into(), text.into());
     m
 }
 
@@ -425,10 +438,9 @@ async fn echo(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     let t0 = Instant::now();
     let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
     let sampler = Sampler::start(opts.watch.clone(), t1, t2);
-    let (opcode, data) = if opts.text {
-        (ws::OP_TEXT, text_payload(opts.size))
-    } else {
-        (ws::OP_BINARY, payload(opts.size))
+    let (opcode, data) = match opts.text {
+        Some(kind) => (ws::OP_TEXT, text_payload(kind, opts.size)),
+        None => (ws::OP_BINARY, payload(opts.size)),
     };
     let msg = Rc::new(ws::client_frame(opcode, &data));
     let data = Rc::new(data);

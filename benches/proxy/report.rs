@@ -421,6 +421,28 @@ fn checks(run: &RunResults) -> Vec<Check> {
         0.7,
         None,
     );
+    // The UTF-8 check of text messages: wsgate's CPU per text message against its own CPU
+    // per binary message of the same size, in the same run.
+    for (text, binary, label) in [
+        ("text32", "echo32-1", "32 B"),
+        ("text16k", "echo16k", "16 KiB"),
+        ("text16k-mixed", "echo16k", "16 KiB mixed"),
+    ] {
+        let bar = find(binary).and_then(|b| {
+            let mt = metric(b.kind, "proxy CPU per msg");
+            b.value("wsgate", mt).map(|v| v * 1.05)
+        });
+        if bar.is_some() {
+            add(
+                find(text),
+                format!("{label} text echo: CPU per msg ≤ 1.05× binary"),
+                "proxy CPU per msg",
+                "wsgate",
+                1.0,
+                bar,
+            );
+        }
+    }
     add(
         find("paced"),
         "paced 10k msgs/s: p99 ≤ HAProxy".into(),

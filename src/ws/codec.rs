@@ -547,17 +547,27 @@ impl Utf8Check {
                 Err(_) => return Err(FrameError::InvalidUtf8),
             }
         }
-        match std::str::from_utf8(piece) {
+        // The last code point may be cut off by the end of the piece: the body before it
+        // is checked with SIMD where the CPU has it (detected once at run time), the at
+        // most 3 bytes after by std, which tells a cut-off sequence from a bad one.
+        let (body, tail) = piece.split_at(unfinished_tail(piece));
+        if simdutf8::basic::from_utf8(body).is_err() {
+            return Err(FrameError::InvalidUtf8);
+        }
+        match std::str::from_utf8(tail) {
             Ok(_) => Ok(()),
-            Err(e) if e.error_len().is_none() => {
-                // The piece ends inside a code point (at most 3 bytes of it).
-                let tail = &piece[e.valid_up_to()..];
+            Err(e) if e.error_len().is_none() && e.valid_up_to() == 0 => {
                 self.carry[..tail.len()].copy_from_slice(tail);
                 self.carry_len = tail.len() as u8;
                 Ok(())
             }
             Err(_) => Err(FrameError::InvalidUtf8),
         }
+    }
+
+    /// Whether the last piece ended inside a code point.
+    pub fn in_code_point(&self) -> bool {
+        self.carry_len > 0
     }
 
     /// The message ended: it must not end inside a code point. Resets the check.
@@ -570,6 +580,51 @@ impl Utf8Check {
             Err(FrameError::InvalidUtf8)
         }
     }
+}
+
+/// Whether `masked`, unmasked with `key` from payload position `offset`, is all ASCII:
+/// one read-only pass, so ASCII text (most JSON) from a client is checked without
+/// unmasking it.
+pub fn masked_is_ascii(masked: &[u8], key: [u8; 4], offset: u64) -> bool {
+    let shift = (offset % MASK_KEY_LEN as u64) as usize;
+    let mut k = key;
+    k.rotate_left(shift);
+    let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    let mut high = 0u64;
+    let mut chunks = masked.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        high |= u64::from_ne_bytes(w) ^ word;
+    }
+    let mut tail = 0u8;
+    // The words covered a multiple of 4 bytes, so the tail starts at key phase 0 again.
+    for (b, m) in chunks.remainder().iter().zip(k.iter().cycle()) {
+        tail |= b ^ m;
+    }
+    high & 0x8080_8080_8080_8080 == 0 && tail & 0x80 == 0
+}
+
+/// Where the last code point of `bytes` starts when it may be cut off by the end of `bytes`
+/// (a lead byte too close to the end for its length, with only continuation bytes after
+/// it); `bytes.len()` otherwise.
+fn unfinished_tail(bytes: &[u8]) -> usize {
+    let len = bytes.len();
+    for back in 1..=len.min(3) {
+        let b = bytes[len - back];
+        if b & 0xC0 == 0x80 {
+            // A continuation byte: its lead is further back.
+            continue;
+        }
+        let width = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xFF => 4,
+            _ => 1,
+        };
+        return if width > back { len - back } else { len };
+    }
+    len
 }
 
 /// A fresh random mask key for a frame wsgate sends to the upstream.
@@ -1331,6 +1386,26 @@ mod tests {
             let mut cuts = cuts;
             cuts.sort_unstable();
             proptest::prop_assert_eq!(utf8_in_pieces(text.as_bytes(), &cuts), Ok(()));
+        }
+    }
+
+    #[test]
+    fn masked_ascii_is_seen_through_the_mask_at_any_offset() {
+        let key = [0x81, 0x02, 0xf3, 0x44];
+        let text = b"plain ascii text, 37 bytes long!!!!!";
+        for offset in 0..4u64 {
+            let mut masked = text.to_vec();
+            apply_mask(&mut masked, key, offset);
+            assert!(masked_is_ascii(&masked, key, offset), "offset {offset}");
+            for at in [0, 7, 8, 33, text.len() - 1] {
+                let mut bytes = text.to_vec();
+                bytes[at] = 0xc3;
+                apply_mask(&mut bytes, key, offset);
+                assert!(
+                    !masked_is_ascii(&bytes, key, offset),
+                    "offset {offset}, byte {at}"
+                );
+            }
         }
     }
 }

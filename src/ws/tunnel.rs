@@ -340,13 +340,15 @@ impl TextCheck {
     /// frames. An extension wsgate does not know may transform payload: never checked.
     fn checks(&self, header: &FrameHeader, rsv: RsvPolicy) -> bool {
         match header.opcode {
+            OpCode::Binary => false,
+            OpCode::Continuation => self.active,
             OpCode::Text => match rsv {
                 RsvPolicy::NoExtension => true,
                 RsvPolicy::Deflate => header.rsv & codec::RSV1 == 0,
                 RsvPolicy::Unknown => false,
             },
-            OpCode::Continuation => self.active,
-            _ => false,
+            // Control frames are not parts of messages.
+            OpCode::Close | OpCode::Ping | OpCode::Pong => false,
         }
     }
 
@@ -355,7 +357,11 @@ impl TextCheck {
         if self.key == [0; 4] {
             return self.utf8.feed(bytes);
         }
-        // Unmasked in place for the check, masked again before the bytes go out.
+        if !self.utf8.in_code_point() && codec::masked_is_ascii(bytes, self.key, offset) {
+            return Ok(());
+        }
+        // Unmasked in place for the check, masked again before the bytes go out: cheaper
+        // than a copy, and the bytes are in cache from the read.
         codec::apply_mask(bytes, self.key, offset);
         let checked = self.utf8.feed(bytes);
         codec::apply_mask(bytes, self.key, offset);
@@ -613,23 +619,9 @@ impl Half {
         }
         let mut progressed = false;
         loop {
-            if let Some(spliced) = self.splice.as_mut().filter(|s| s.piped > 0) {
-                let Some(tcp) = dst.tcp() else {
-                    self.write_failed();
-                    return true;
-                };
-                match splice::poll_splice(tcp, cx, &spliced.pipe, Flow::Out, spliced.piped) {
-                    Poll::Pending => return progressed,
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        self.write_failed();
-                        return true;
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        progressed = true;
-                        spliced.piped -= n.min(spliced.piped);
-                    }
-                }
-            } else if self.wpos < self.scan {
+            // The buffer and the pipe are never both in flight (a direction reads into
+            // one only when the other is written out).
+            if self.wpos < self.scan {
                 let Some(buf) = self.buf.as_ref() else {
                     self.wpos = self.scan;
                     continue;
@@ -646,6 +638,22 @@ impl Half {
                         return true;
                     }
                     Ok(n) => self.wpos += n,
+                }
+            } else if let Some(spliced) = self.splice.as_mut().filter(|s| s.piped > 0) {
+                let Some(tcp) = dst.tcp() else {
+                    self.write_failed();
+                    return true;
+                };
+                match splice::poll_splice(tcp, cx, &spliced.pipe, Flow::Out, spliced.piped) {
+                    Poll::Pending => return progressed,
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.write_failed();
+                        return true;
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        progressed = true;
+                        spliced.piped -= n.min(spliced.piped);
+                    }
                 }
             } else if self.inject_pending() && self.at_boundary() {
                 let Some(inject) = self.inject.as_mut() else {
@@ -953,7 +961,8 @@ impl Half {
         let batch_start = self.scan;
         loop {
             if self.frame_left > 0 {
-                if self.text.held_header > 0 {
+                // (A held frame is always part of a checked text message.)
+                if self.text.active && self.text.held_header > 0 {
                     if !self.check_held_text(buf) {
                         break;
                     }
@@ -1051,11 +1060,7 @@ impl Half {
                 self.count_frame(header.opcode);
                 self.scan += total;
             } else {
-                if self.text.checks(&header, self.decoder.rsv()) {
-                    self.text.active = true;
-                } else if header.opcode != OpCode::Continuation {
-                    self.text.active = false;
-                }
+                self.text.active = self.text.checks(&header, self.decoder.rsv());
                 if self.text.active && !self.discarding() {
                     self.text.fin = header.fin;
                     self.text.key = header.mask.unwrap_or_default();
@@ -1296,7 +1301,14 @@ where
             && upstream.tcp().is_some();
         c2u.splice_capable = splice_capable;
         u2c.splice_capable = splice_capable;
-        let first = now + t.idle;
+        // The first timer: the earliest of the idle and keepalive deadlines.
+        let first = [
+            t.ping_interval.map(|i| now + i),
+            t.upstream_ping_interval.map(|i| now + i),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(now + t.idle, Instant::min);
         Tunnel {
             client,
             upstream,
@@ -1457,7 +1469,9 @@ where
 
     /// Fires the keepalive and idle timers.
     fn run_timers(&mut self, now: Instant) {
-        if self.closing.is_some() || self.deadline.is_some() {
+        // The timer is armed no later than the earliest keepalive or idle deadline, and
+        // traffic only moves those later: before it, none is due.
+        if now < self.timer_at || self.closing.is_some() || self.deadline.is_some() {
             return;
         }
         match self.client_ka.poll(now) {
@@ -1643,7 +1657,7 @@ where
         // Timers once per wake-up: with the clock fixed, traffic in the turns below can
         // only push their deadlines later.
         self.run_timers(now);
-        if self.timer.is_elapsed() && (self.c2u.held_up() || self.u2c.held_up()) {
+        if (self.c2u.held_up() || self.u2c.held_up()) && self.timer.is_elapsed() {
             self.probe_peers(now);
         }
         self.c2u.src_quiet = false;
