@@ -767,9 +767,10 @@ async fn a_quiet_connection_is_an_idle_timeout_closed_by_the_proxy() {
     client
         .expect_close(1001, "idle timeout", "wsgate's idle close to the client")
         .await;
+    // The client is closed first; the upstream hears once the client answered.
+    client.send(&client_close(1000, "")).await;
     up.expect_close(1001, "idle timeout", "wsgate's idle close to the upstream")
         .await;
-    client.send(&client_close(1000, "")).await;
     up.send(&server_close(1000, "")).await;
     both_end(&mut client, &mut up).await;
     drop((client, up));
@@ -1331,7 +1332,8 @@ async fn connections_lists_a_live_websocket_and_delete_closes_it() {
     let r = admin_request(admin, "DELETE", "/connections/abc").await;
     assert_eq!(r.status, 404, "{}", r.body_text());
 
-    // The operator closes it: both peers get 1001 "closed by operator".
+    // The operator closes it: both peers get 1001 "closed by operator", the client first;
+    // the upstream once the client has answered.
     let r = admin_request(admin, "DELETE", &format!("/connections/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.body_text());
     let to_client = client.frame("wsgate's close to the client").await;
@@ -1340,6 +1342,7 @@ async fn connections_lists_a_live_websocket_and_delete_closes_it() {
         to_client.mask.is_none(),
         "frames to a client are not masked"
     );
+    client.send(&client_close(1001, "")).await;
     let to_upstream = up.frame("wsgate's close to the upstream").await;
     assert_eq!(
         to_upstream.close(),
@@ -1349,7 +1352,6 @@ async fn connections_lists_a_live_websocket_and_delete_closes_it() {
         to_upstream.mask.is_some(),
         "frames to an upstream are masked"
     );
-    client.send(&client_close(1001, "")).await;
     up.send(&server_close(1001, "")).await;
     client.expect_eof("the client connection to end").await;
     up.expect_eof("the upstream connection to end").await;

@@ -711,3 +711,31 @@ async fn an_upstream_lost_mid_frame_shuts_the_client_at_once() {
     expect_eof(&mut h.client).await;
     assert_eq!(h.elapsed(), Duration::ZERO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_close_reaches_the_upstream_right_after_the_clients_answer() {
+    let mut h = start(quiet(), Limits::default());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.record.request_close(CloseRequest::Operator);
+    assert_eq!(
+        read_frame(&mut h.client).await.close(),
+        (1001, "closed by operator".into())
+    );
+    // The client answers 1.5 s later; the upstream hears then, not at `timeouts.close`.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    answer_close(&mut h.client, 1001).await;
+    let up = read_frame(&mut h.upstream).await;
+    assert!(up.masked);
+    assert_eq!(up.close(), (1001, "closed by operator".into()));
+    assert_eq!(h.elapsed(), Duration::from_millis(3500));
+    h.upstream
+        .write_all(&from_upstream(OpCode::Close, true, &1001u16.to_be_bytes()))
+        .await
+        .unwrap();
+    expect_eof(&mut h.client).await;
+    let outcome = h.outcome().await;
+    assert_eq!(outcome.reason, "closed by operator");
+    assert_eq!(outcome.client_end, SideEnd::Close);
+    assert_eq!(outcome.upstream_end, SideEnd::Close);
+    assert_eq!(outcome.undeliverable, [0, 0]);
+}
