@@ -28,6 +28,8 @@ pub enum HeadRefusal {
     AmbiguousLength,
     /// `Content-Length` twice (equal or not).
     DuplicateLength,
+    /// The HTTP/2 connection preface on a listener without `http2`.
+    Http2Preface,
 }
 
 impl HeadRefusal {
@@ -42,6 +44,7 @@ impl HeadRefusal {
             HeadRefusal::DuplicateLength => {
                 ProxyError::BadRequest("more than one Content-Length header")
             }
+            HeadRefusal::Http2Preface => ProxyError::HttpVersion,
         }
     }
 }
@@ -53,6 +56,10 @@ pub enum Broken {
     Head(#[from] crate::proxy::upgrade::HeadError),
     #[error("answered 101 with a wrong Sec-WebSocket-Accept")]
     WrongAccept,
+    /// A 2xx other than 101 to an upgrade: relayed over HTTP/2 it would tell the client
+    /// its WebSocket is open.
+    #[error("answered {0} to a WebSocket upgrade instead of 101")]
+    NotUpgraded(http::StatusCode),
     #[error("closed a new connection at once")]
     ClosedAtOnce,
     #[error(transparent)]
@@ -77,6 +84,9 @@ pub enum ProxyError {
     HeadTooLarge { limit: usize },
     #[error("request header fields too large: more than {limit} header lines")]
     TooManyHeaders { limit: usize },
+    /// HTTP/2 with prior knowledge on a listener that serves HTTP/1.1 only.
+    #[error("HTTP version not supported: this listener speaks HTTP/1.1 only")]
+    HttpVersion,
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
     #[error("bad WebSocket handshake: {0}")]
@@ -115,6 +125,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HttpVersion => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             ProxyError::HeadTooLarge { .. } | ProxyError::TooManyHeaders { .. } => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -139,6 +150,7 @@ impl ProxyError {
     pub fn blame(&self) -> Blame {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::HttpVersion
             | ProxyError::HeadTooLarge { .. }
             | ProxyError::TooManyHeaders { .. }
             | ProxyError::NoRoute { .. }
@@ -159,6 +171,7 @@ impl ProxyError {
     pub fn reject_reason(&self) -> Option<RejectReason> {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::HttpVersion
             | ProxyError::HeadTooLarge { .. }
             | ProxyError::TooManyHeaders { .. } => Some(RejectReason::BadRequest),
             ProxyError::NoRoute { .. } => Some(RejectReason::NoRoute),

@@ -64,7 +64,7 @@ impl Wsgate {
         for l in &config.listeners {
             let tls = match &l.tls {
                 Some(tls) => Some(Arc::new(ArcSwap::new(
-                    listener::tls::server_config(tls)
+                    listener::tls::server_config(tls, l.http2)
                         .with_context(|| format!("listener {}: TLS setup failed", l.name))?,
                 ))),
                 None => None,
@@ -76,6 +76,7 @@ impl Wsgate {
                 name: Arc::from(l.name.as_str()),
                 listener: tcp,
                 tls,
+                http2: l.http2.then_some(l.http2_max_streams),
             });
         }
         let admin = TcpListener::bind(config.admin.bind)

@@ -51,6 +51,7 @@ pub struct Metrics {
     upstream_healthy: IntGaugeVec,
     upstream_active_connections: IntGaugeVec,
     tls_handshake_errors_total: IntCounterVec,
+    http_connections_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
     rejected_total: IntCounterVec,
 }
@@ -234,6 +235,11 @@ impl Metrics {
                 "Failed or timed-out TLS handshakes on a listener.",
                 &["listener"],
             ),
+            http_connections_total: counter(
+                "http_connections_total",
+                "Client connections served, by listener and HTTP version (1.1 or 2): counted once the protocol is known (the first HTTP/1.1 head, the HTTP/2 preface or ALPN).",
+                &["listener", "version"],
+            ),
             config_reloads_total: counter(
                 "config_reloads_total",
                 "Configuration reloads by result (success, error).",
@@ -264,6 +270,7 @@ impl Metrics {
             Box::new(m.upstream_healthy.clone()),
             Box::new(m.upstream_active_connections.clone()),
             Box::new(m.tls_handshake_errors_total.clone()),
+            Box::new(m.http_connections_total.clone()),
             Box::new(m.config_reloads_total.clone()),
             Box::new(m.rejected_total.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -324,6 +331,13 @@ impl Metrics {
     pub fn rejected(&self, reason: RejectReason) {
         self.rejected_total
             .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    /// A client connection starts being served as HTTP `version` ("1.1" or "2").
+    pub fn http_connection(&self, listener: &str, version: &str) {
+        self.http_connections_total
+            .with_label_values(&[listener, version])
             .inc();
     }
 

@@ -20,6 +20,8 @@ use crate::listener::{self, BoundListener};
 struct ListenerShape {
     bind: SocketAddr,
     tls: bool,
+    http2: bool,
+    http2_max_streams: u32,
 }
 
 /// Reloads one configuration file into a running server.
@@ -50,6 +52,8 @@ impl Reloader {
                     let shape = ListenerShape {
                         bind: l.bind,
                         tls: l.tls.is_some(),
+                        http2: l.http2,
+                        http2_max_streams: l.http2_max_streams,
                     };
                     (l.name.clone(), shape)
                 })
@@ -85,11 +89,15 @@ impl Reloader {
         let mut new_tls = Vec::new();
         for l in &config.listeners {
             if let (Some(tls), Some(store)) = (&l.tls, self.tls.get(&l.name)) {
-                let server_config =
-                    listener::tls::server_config(tls).map_err(|source| ReloadError::Tls {
+                // ALPN follows what the running listener serves: a changed `http2` takes a
+                // restart (noted below).
+                let http2 = self.listeners.get(&l.name).map_or(l.http2, |s| s.http2);
+                let server_config = listener::tls::server_config(tls, http2).map_err(|source| {
+                    ReloadError::Tls {
                         listener: l.name.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 new_tls.push((store, server_config));
             }
         }
@@ -98,6 +106,8 @@ impl Reloader {
             let shape = ListenerShape {
                 bind: l.bind,
                 tls: l.tls.is_some(),
+                http2: l.http2,
+                http2_max_streams: l.http2_max_streams,
             };
             match self.listeners.get(&l.name) {
                 None => notes.push(format!(
@@ -105,7 +115,7 @@ impl Reloader {
                     l.name
                 )),
                 Some(old) if *old != shape => notes.push(format!(
-                    "listener {} changed its address or TLS setting: that takes a restart",
+                    "listener {} changed its address, TLS or HTTP/2 setting: that takes a restart",
                     l.name
                 )),
                 Some(_) => {}

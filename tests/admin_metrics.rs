@@ -1269,7 +1269,7 @@ async fn connections_lists_a_live_websocket_and_delete_closes_it() {
         ("route", serde_json::json!("chat")),
         ("upstream", serde_json::json!("app")),
         ("server", serde_json::json!(upstream_label)),
-        ("http_version", serde_json::json!("HTTP/1.1")),
+        ("http_version", serde_json::json!("1.1")),
         ("subprotocol", serde_json::json!("chat.v2")),
         ("bytes_client_to_upstream", serde_json::json!(c2u.bytes)),
         ("bytes_upstream_to_client", serde_json::json!(u2c.bytes)),

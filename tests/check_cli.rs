@@ -119,7 +119,7 @@ binnd = "0.0.0.0:8080"
 builtin = "echo"
 "#,
         "3:1",
-        "unknown key `binnd` in [listeners.public]; expected one of: bind, http2, tls",
+        "unknown key `binnd` in [listeners.public]; expected one of: bind, http2, http2_max_streams, tls",
     );
 }
 

@@ -74,8 +74,11 @@ pub struct AdminConfig {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
-    /// Accepted and validated; HTTP/2 serving arrives later. Default false.
+    /// HTTP/2 besides HTTP/1.1: ALPN `h2` on TLS, h2c with prior knowledge on plain
+    /// listeners. Default false.
     pub http2: bool,
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    pub http2_max_streams: u32,
     /// `None` for a plain listener.
     pub tls: Option<TlsConfig>,
 }
@@ -302,6 +305,9 @@ pub mod defaults {
     pub const ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
     /// `[listeners.X] http2`: off until asked for, so ALPN offers only what is wanted.
     pub const LISTENER_HTTP2: bool = false;
+    /// `[listeners.X] http2_max_streams`: what browsers open at once on one connection with
+    /// room to spare (Chromium stays under 100; nginx and Envoy allow 128 and 100).
+    pub const HTTP2_MAX_STREAMS: u32 = 128;
 
     /// `client_header` (seconds): long enough for slow mobile links, short enough that idle
     /// sockets that never send a request (slowloris) are dropped quickly.

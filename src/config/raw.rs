@@ -109,6 +109,7 @@ pub struct RawAdmin {
 pub struct RawListener {
     pub bind: Spanned<String>,
     pub http2: Option<bool>,
+    pub http2_max_streams: Option<Spanned<i64>>,
     pub tls: Option<RawTls>,
 }
 
@@ -551,7 +552,7 @@ mod tests {
         assert_eq!(at(text, &p[0].span), "binnd");
         assert_eq!(
             p[0].message,
-            "unknown key `binnd` in [listeners.public]; expected one of: bind, http2, tls"
+            "unknown key `binnd` in [listeners.public]; expected one of: bind, http2, http2_max_streams, tls"
         );
     }
 

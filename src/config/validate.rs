@@ -499,11 +499,22 @@ impl Checker<'_> {
                 Some(tls) => self.listener_tls(tls, &path).map(Some),
                 None => Some(None),
             };
-            if let (Some(bind), Some(tls)) = (bind, tls) {
+            let max_streams = match &raw.http2_max_streams {
+                Some(value) => self.count(
+                    value,
+                    &format!("{path}.http2_max_streams"),
+                    1,
+                    i64::from(u32::MAX),
+                ),
+                None => Some(u64::from(defaults::HTTP2_MAX_STREAMS)),
+            };
+            if let (Some(bind), Some(tls), Some(max_streams)) = (bind, tls, max_streams) {
                 out.push(ListenerConfig {
                     name,
                     bind,
                     http2: raw.http2.unwrap_or(defaults::LISTENER_HTTP2),
+                    // Bounded by the `count` range above.
+                    http2_max_streams: max_streams as u32,
                     tls,
                 });
             }
@@ -1496,7 +1507,7 @@ builtin = "echo"
         one_problem(
             &with("[listeners.other]\nbnd = \"127.0.0.1:1\"\n"),
             "proxy.toml:11:1: ",
-            "unknown key `bnd` in [listeners.other]; expected one of: bind, http2, tls",
+            "unknown key `bnd` in [listeners.other]; expected one of: bind, http2, http2_max_streams, tls",
         );
         one_problem(
             &with("[listeners.other]\nhttp2 = true\n"),

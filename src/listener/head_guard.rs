@@ -39,6 +39,10 @@ const NAME_CAP: usize = 17;
 /// and nothing more; 4 KiB takes a typical browser head (0.5-2 KiB) in one system call.
 const HEAD_READ_CHUNK: usize = 4096;
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4): on a plain listener with `http2 = true`
+/// it marks a client speaking h2c with prior knowledge.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// What hyper is handed in place of a refused head: the smallest request it parses. The
 /// service answers it from the connection's refusal, never from its content.
 const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
@@ -156,6 +160,11 @@ impl Scanner {
             in_content_length: false,
             value: 0,
         }
+    }
+
+    /// Refuses the head being read (a decision made outside the scanner).
+    pub fn refuse(&mut self, refusal: HeadRefusal) {
+        self.state = State::Refused(refusal);
     }
 
     /// True while a head is expected or being read.
@@ -441,6 +450,8 @@ impl Scanner {
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
     pub limits: HeadLimits,
+    /// The connection may open with the HTTP/2 preface (a plain listener with `http2`).
+    pub h2c: bool,
     pub conn: Arc<ConnContext>,
     pub pending: Arc<PendingHeads>,
     pub max_pending: usize,
@@ -464,6 +475,21 @@ pub struct HeadGuard<S> {
     max_pending: usize,
     /// Present while the connection waits for a head.
     ticket: Option<Ticket>,
+    /// Whether the connection is, may still be or is not HTTP/2 with prior knowledge.
+    h2c: H2c,
+    /// The listener serves h2c (`http2 = true` on a plain listener).
+    h2c_allowed: bool,
+}
+
+/// The h2c decision: made on the first bytes, before any is scanned as HTTP/1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2c {
+    /// HTTP/1 only (or decided so).
+    No,
+    /// The bytes so far are a prefix of the HTTP/2 preface.
+    Undecided,
+    /// The connection opened with the preface: the gate steps aside for HTTP/2.
+    Yes,
 }
 
 impl<S> HeadGuard<S> {
@@ -481,7 +507,15 @@ impl<S> HeadGuard<S> {
             pending: settings.pending,
             max_pending: settings.max_pending,
             ticket,
+            h2c: H2c::Undecided,
+            h2c_allowed: settings.h2c,
         }
+    }
+
+    /// True when the connection opened with the HTTP/2 preface: serve it as HTTP/2 from
+    /// [`HeadGuard::into_inner`] (the preface included), not through the gate.
+    pub fn is_h2c(&self) -> bool {
+        self.h2c == H2c::Yes
     }
 
     /// The stream, and any bytes read from it that hyper has not taken (after an upgrade,
@@ -565,6 +599,10 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
     /// Poll form of [`HeadGuard::first_head`].
     pub fn poll_first_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
+            if self.h2c == H2c::Yes {
+                self.ticket = None;
+                return Poll::Ready(Ok(()));
+            }
             if self.head_ready() || !self.scanner.in_head() {
                 return Poll::Ready(if self.ended && self.delivered >= self.released {
                     Err(io::ErrorKind::UnexpectedEof.into())
@@ -598,8 +636,28 @@ impl<S: AsyncRead + Unpin> HeadGuard<S> {
             self.ticket = None;
             return Poll::Ready(Ok(()));
         }
-        let base = self.held.len();
+        let mut base = self.held.len();
         self.held.extend_from_slice(got);
+        if self.h2c == H2c::Undecided {
+            let seen = self.held.len().min(H2_PREFACE.len());
+            if self.held[..seen] != H2_PREFACE[..seen] {
+                // HTTP/1 after all: everything read so far is scanned as such.
+                self.h2c = H2c::No;
+                base = 0;
+            } else if seen == H2_PREFACE.len() && self.h2c_allowed {
+                self.h2c = H2c::Yes;
+                return Poll::Ready(Ok(()));
+            } else if seen == H2_PREFACE.len() {
+                // HTTP/2 on an HTTP/1.1 listener: answered 505 with a reason, not left to
+                // hyper (which would close without a word).
+                self.h2c = H2c::No;
+                self.scanner.refuse(HeadRefusal::Http2Preface);
+                self.after_feed(0, Tail::HeadFrom(0));
+                return Poll::Ready(Ok(()));
+            } else {
+                return Poll::Ready(Ok(()));
+            }
+        }
         let tail = self.scanner.feed(&self.held[base..]);
         self.after_feed(base, tail);
         Poll::Ready(Ok(()))
@@ -898,6 +956,7 @@ mod tests {
         let pending = Arc::new(PendingHeads::default());
         let settings = GuardSettings {
             limits,
+            h2c: false,
             conn,
             pending: pending.clone(),
             max_pending: 10,

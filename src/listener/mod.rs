@@ -1,8 +1,11 @@
 //! Public listeners: the accept loop (TCP_NODELAY, backoff when file descriptors run out),
-//! optional TLS, and the HTTP/1.1 server that hands each request to the proxy service.
+//! optional TLS, and the HTTP/1.1 and HTTP/2 servers that hand each request to the proxy
+//! service. HTTP/2 is chosen by ALPN on TLS and by the connection preface (h2c with prior
+//! knowledge) on plain listeners with `http2 = true`.
 
 pub mod head_guard;
 pub mod pending;
+pub mod rewind;
 pub mod tls;
 
 use std::io;
@@ -12,9 +15,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +31,7 @@ use crate::metrics::RejectReason;
 use crate::proxy;
 use head_guard::{GuardSettings, HeadGuard, HeadLimits};
 use pending::Ticket;
+use rewind::Rewind;
 
 /// Room hyper's read buffer has beyond the largest head: the gate hands hyper whole heads
 /// only, so hyper's own limit (which counts its buffer, body bytes included) must never be
@@ -46,6 +50,8 @@ pub struct BoundListener {
     pub listener: TcpListener,
     /// The listener's certificates; reload swaps them for new connections.
     pub tls: Option<Arc<ArcSwap<ServerConfig>>>,
+    /// `Some(http2_max_streams)` when the listener serves HTTP/2 too.
+    pub http2: Option<u32>,
 }
 
 impl BoundListener {
@@ -98,21 +104,23 @@ pub async fn serve(
                 max_head: limits.max_request_head,
                 max_headers: limits.max_request_headers,
             },
+            h2c: bound.http2.is_some() && acceptor.is_none(),
             conn: ctx.clone(),
             pending: shared.pending_heads.clone(),
             max_pending: limits.max_pending_heads,
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let http2 = bound.http2;
         connections.spawn(async move {
             match acceptor {
-                None => serve_http(stream, None, settings, shared, shutdown).await,
+                None => serve_http(stream, None, settings, http2, shared, shutdown).await,
                 // Boxed: a plain connection's task must not carry a TLS handshake's state.
                 Some(acceptor) => {
                     // Waiting for its first head from now on, the TLS handshake included.
                     let ticket = shared.pending_heads.enter(settings.max_pending);
                     Box::pin(serve_tls(
-                        stream, acceptor, ticket, settings, shared, shutdown,
+                        stream, acceptor, ticket, settings, http2, shared, shutdown,
                     ))
                     .await
                 }
@@ -132,6 +140,7 @@ async fn serve_tls(
     acceptor: TlsAcceptor,
     ticket: Ticket,
     settings: GuardSettings,
+    http2: Option<u32>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
@@ -148,7 +157,13 @@ async fn serve_tls(
         }
     };
     match accepted {
-        Ok(Ok(tls)) => serve_http(tls, Some(ticket), settings, shared, shutdown).await,
+        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
+            // ALPN offers h2 only on listeners that serve it.
+            let max_streams = http2.unwrap_or(crate::config::defaults::HTTP2_MAX_STREAMS);
+            drop(ticket);
+            serve_h2(tls, ctx, max_streams, shared, shutdown).await
+        }
+        Ok(Ok(tls)) => serve_http(tls, Some(ticket), settings, None, shared, shutdown).await,
         Ok(Err(e)) => {
             shared.metrics.tls_handshake_error(&ctx.listener);
             debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "TLS handshake failed")
@@ -166,6 +181,7 @@ async fn serve_http<S>(
     stream: S,
     ticket: Option<Ticket>,
     settings: GuardSettings,
+    http2: Option<u32>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
@@ -202,8 +218,83 @@ async fn serve_http<S>(
             return;
         }
     }
+    if guard.is_h2c() {
+        // HTTP/2 with prior knowledge: the preface the gate read goes to hyper first.
+        let (stream, preface) = guard.into_inner();
+        let max_streams = http2.unwrap_or(crate::config::defaults::HTTP2_MAX_STREAMS);
+        return Box::pin(serve_h2(
+            Rewind::new(preface, stream),
+            ctx,
+            max_streams,
+            shared,
+            shutdown,
+        ))
+        .await;
+    }
     // Boxed: hyper's connection state is allocated only once a head is there to serve.
     Box::pin(serve_hyper(guard, ctx, shared, shutdown)).await
+}
+
+/// Serves an HTTP/2 connection: streams multiplexed by hyper's server, each request handed
+/// to the same service as HTTP/1.1 ones; WebSockets arrive as extended CONNECT (RFC 8441).
+/// The client has `client_header` for its preface and first request; SIGTERM sends GOAWAY.
+async fn serve_h2<S>(
+    io: S,
+    ctx: Arc<ConnContext>,
+    max_streams: u32,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (client_header, limits) = {
+        let gateway = shared.gateway.load();
+        (gateway.timeouts.client_header, gateway.limits)
+    };
+    shared.metrics.http_connection(&ctx.listener, "2");
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let service = {
+        let ctx = ctx.clone();
+        let shared = shared.clone();
+        let first_request = first_request.clone();
+        service_fn(move |req| {
+            first_request.notify_one();
+            proxy::handle(req, ctx.clone(), shared.clone())
+        })
+    };
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(max_streams)
+        // The whole decoded header list of a request, as `max_request_head` bounds an
+        // HTTP/1.1 head.
+        .max_header_list_size(u32::try_from(limits.max_request_head).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let first = tokio::time::timeout(client_header, first_request.notified());
+    tokio::pin!(first);
+    let mut waiting_for_first = true;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            seen = first.as_mut(), if waiting_for_first => {
+                waiting_for_first = false;
+                if seen.is_err() {
+                    debug!(listener = %ctx.listener, client = %ctx.client, "HTTP/2 client too slow to send its first request");
+                    return;
+                }
+            }
+            _ = shutdown.cancelled() => {
+                // GOAWAY: streams in flight finish, no new ones are accepted.
+                conn.as_mut().graceful_shutdown();
+                break conn.as_mut().await;
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(listener = %ctx.listener, client = %ctx.client, error = %e, "HTTP/2 connection ended with an error");
+    }
 }
 
 async fn serve_hyper<S>(
@@ -218,6 +309,7 @@ async fn serve_hyper<S>(
         let gateway = shared.gateway.load();
         (gateway.timeouts.client_header, gateway.limits)
     };
+    shared.metrics.http_connection(&ctx.listener, "1.1");
     let service = {
         let ctx = ctx.clone();
         let shared = shared.clone();

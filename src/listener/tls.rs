@@ -48,8 +48,12 @@ fn certified_key(
     CertifiedKey::from_der(ck.chain.clone(), ck.key.clone_key(), provider).map(Arc::new)
 }
 
-/// Builds the rustls server configuration for one listener.
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error> {
+/// ALPN protocol id of HTTP/2 over TLS.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Builds the rustls server configuration for one listener: ALPN offers `h2` (preferred)
+/// then `http/1.1` when the listener serves HTTP/2, `http/1.1` alone otherwise.
+pub fn server_config(tls: &TlsConfig, http2: bool) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = provider();
     let mut by_name = HashMap::new();
     for sni in &tls.sni {
@@ -66,6 +70,10 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(Arc::new(config))
 }

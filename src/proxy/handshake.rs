@@ -29,12 +29,51 @@ use crate::ws;
 /// RFC 6455 §1.3: the GUID appended to the key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// True for an HTTP/1.1 WebSocket upgrade: `Connection` lists `upgrade` and `Upgrade`
-/// lists `websocket` (any case, any order, any number of header lines).
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == http::Version::HTTP_11
-        && headers::has_token(req.headers(), &header::CONNECTION, "upgrade")
-        && headers::has_token(req.headers(), &header::UPGRADE, "websocket")
+/// How a client asks for a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeKind {
+    /// HTTP/1.1: `Connection` lists `upgrade` and `Upgrade` lists `websocket` (any case, any
+    /// order, any number of header lines); answered with 101.
+    Http1,
+    /// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441); answered with 200,
+    /// and the stream carries the WebSocket.
+    ExtendedConnect,
+}
+
+impl UpgradeKind {
+    /// The kind of WebSocket request `req` is, if it is one.
+    pub fn of<B>(req: &Request<B>) -> Option<UpgradeKind> {
+        if req.version() == http::Version::HTTP_11
+            && headers::has_token(req.headers(), &header::CONNECTION, "upgrade")
+            && headers::has_token(req.headers(), &header::UPGRADE, "websocket")
+        {
+            return Some(UpgradeKind::Http1);
+        }
+        let protocol = req.extensions().get::<hyper::ext::Protocol>();
+        if req.version() == http::Version::HTTP_2
+            && req.method() == Method::CONNECT
+            && protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+        {
+            return Some(UpgradeKind::ExtendedConnect);
+        }
+        None
+    }
+
+    /// `http_version` in the admin API's connection list.
+    pub fn http_version(self) -> &'static str {
+        match self {
+            UpgradeKind::Http1 => "1.1",
+            UpgradeKind::ExtendedConnect => "2",
+        }
+    }
+
+    /// The status that tells the client its WebSocket is open.
+    pub fn accepted_status(self) -> StatusCode {
+        match self {
+            UpgradeKind::Http1 => StatusCode::SWITCHING_PROTOCOLS,
+            UpgradeKind::ExtendedConnect => StatusCode::OK,
+        }
+    }
 }
 
 /// `Sec-WebSocket-Accept` for a client key.
@@ -45,24 +84,35 @@ pub fn accept_key(key: &[u8]) -> String {
     BASE64.encode(sha.finalize())
 }
 
-/// Checks what wsgate can check itself and returns the client's key.
-pub fn validate<B>(req: &Request<B>, route: &Route) -> Result<HeaderValue, ProxyError> {
-    if req.method() != Method::GET {
-        return Err(ProxyError::BadHandshake("the method must be GET"));
-    }
+/// Checks what wsgate can check itself and returns the key for the upstream: the client's
+/// on HTTP/1.1; over HTTP/2, where clients send none (RFC 8441 §5), one wsgate makes.
+pub fn validate<B>(
+    req: &Request<B>,
+    route: &Route,
+    kind: UpgradeKind,
+) -> Result<HeaderValue, ProxyError> {
     let h = req.headers();
-    if h.contains_key(header::TRANSFER_ENCODING)
-        || h.get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-    {
-        return Err(ProxyError::BadHandshake(
-            "an upgrade request must not have a body",
-        ));
+    if kind == UpgradeKind::Http1 {
+        if req.method() != Method::GET {
+            return Err(ProxyError::BadHandshake("the method must be GET"));
+        }
+        if h.contains_key(header::TRANSFER_ENCODING)
+            || h.get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0")
+        {
+            return Err(ProxyError::BadHandshake(
+                "an upgrade request must not have a body",
+            ));
+        }
     }
     let mut versions = h.get_all(header::SEC_WEBSOCKET_VERSION).iter();
     match (versions.next(), versions.next()) {
         (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
         _ => return Err(ProxyError::UnsupportedVersion),
+    }
+    check_origin(h, route)?;
+    if kind == UpgradeKind::ExtendedConnect {
+        return Ok(new_key());
     }
     let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
     let key = match (keys.next(), keys.next()) {
@@ -80,6 +130,11 @@ pub fn validate<B>(req: &Request<B>, route: &Route) -> Result<HeaderValue, Proxy
             ))
         }
     }
+    Ok(key.clone())
+}
+
+/// The route's `allowed_origins`, when it has them.
+fn check_origin(h: &HeaderMap, route: &Route) -> Result<(), ProxyError> {
     if let Some(allowed) = &route.config.allowed_origins {
         let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
         match origin {
@@ -88,7 +143,16 @@ pub fn validate<B>(req: &Request<B>, route: &Route) -> Result<HeaderValue, Proxy
             None => return Err(ProxyError::OriginNotAllowed(String::new())),
         }
     }
-    Ok(key.clone())
+    Ok(())
+}
+
+/// A fresh `Sec-WebSocket-Key` (16 random bytes in base64).
+fn new_key() -> HeaderValue {
+    let raw: [u8; 16] = rand::random();
+    let mut text = [0u8; 24];
+    let n = BASE64.encode_slice(raw, &mut text).unwrap_or(0);
+    HeaderValue::from_bytes(&text[..n])
+        .unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
 }
 
 /// Applies `[limits]` to an upgrade; the permit counts the connection until dropped.
@@ -108,10 +172,12 @@ pub async fn forward(
     conn: Arc<ConnContext>,
     shared: Arc<Shared>,
     host: Option<&str>,
+    kind: UpgradeKind,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let key = validate(&req, &route)?;
+    let key = validate(&req, &route, kind)?;
     let permit = admit(&shared, &conn)?;
     let mut headers = upstream_headers(&req, &conn, host);
+    headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
     if let Balance::Cookie(name) = &upstream.balance {
         sticky::strip_request_prefix(&mut headers, name, |id| {
             upstream.servers.iter().any(|s| s.sticky_id() == id)
@@ -170,6 +236,9 @@ pub async fn forward(
     } = head;
 
     if status != StatusCode::SWITCHING_PROTOCOLS {
+        if kind == UpgradeKind::ExtendedConnect && status.is_success() {
+            return Err(broken(Broken::NotUpgraded(status)));
+        }
         // Relayed as is: the upstream refused (401, 403, 404, ...) and the client should see why.
         let framing = upgrade::framing(status, &headers).map_err(|e| broken(e.into()))?;
         if headers.contains_key(header::TRANSFER_ENCODING) {
@@ -208,6 +277,7 @@ pub async fn forward(
         &conn,
         Some((&upstream, &server)),
         subprotocol,
+        kind,
     );
     let settings = upgraded::tunnel_settings(timeouts, &shared).with_extensions(
         headers
@@ -241,7 +311,21 @@ pub async fn forward(
     if let Balance::Cookie(name) = &upstream.balance {
         sticky::prefix_response_cookie(&mut headers, name, &server);
     }
-    Ok(response(status, headers, ProxyBody::empty()))
+    if kind == UpgradeKind::ExtendedConnect {
+        // RFC 8441 §5: no Sec-WebSocket-Accept, and HTTP/2 has no Connection or Upgrade.
+        for name in [
+            header::SEC_WEBSOCKET_ACCEPT,
+            header::CONNECTION,
+            header::UPGRADE,
+        ] {
+            headers.remove(name);
+        }
+    }
+    Ok(response(
+        kind.accepted_status(),
+        headers,
+        ProxyBody::empty(),
+    ))
 }
 
 fn response(status: StatusCode, headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
@@ -273,10 +357,14 @@ fn upstream_headers<B>(req: &Request<B>, conn: &ConnContext, host: Option<&str>)
     forwarded
 }
 
-/// The 101 wsgate sends when it answers an upgrade itself (builtin routes).
-pub fn switching_protocols(key: &HeaderValue) -> Response<ProxyBody> {
+/// The answer wsgate sends when it accepts an upgrade itself (builtin routes): 101 with the
+/// accept key on HTTP/1.1, 200 over HTTP/2.
+pub fn accepted(kind: UpgradeKind, key: &HeaderValue) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.status_mut() = kind.accepted_status();
+    if kind == UpgradeKind::ExtendedConnect {
+        return response;
+    }
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -55,31 +55,38 @@ pub async fn handle(
         return Ok(e.into_response());
     };
 
-    let upgrade = handshake::is_upgrade(&req);
+    let kind = handshake::UpgradeKind::of(&req);
+    let upgrade = kind.is_some();
+    let http1 = req.version() < ::http::Version::HTTP_2;
     let started = Instant::now();
-    let result = match (&route.config.target, &route.upstream) {
-        (RouteTarget::Builtin(Builtin::Echo), _) if upgrade => {
-            match handshake::validate(&req, &route)
+    let result = match (&route.config.target, &route.upstream, kind) {
+        (RouteTarget::Builtin(Builtin::Echo), _, Some(kind)) => {
+            match handshake::validate(&req, &route, kind)
                 .and_then(|key| Ok((key, handshake::admit(&shared, &conn)?)))
             {
                 Ok((key, permit)) => Ok(upgraded::accept_echo(
-                    req, &route, &conn, &shared, &key, permit,
+                    req,
+                    &route,
+                    &conn,
+                    &shared,
+                    (kind, &key),
+                    permit,
                 )),
                 Err(e) => Err(e),
             }
         }
-        (RouteTarget::Builtin(_), _) => Ok(builtin_plain_answer()),
-        (RouteTarget::Upstream(_), Some(upstream)) => {
+        (RouteTarget::Builtin(_), _, _) => Ok(builtin_plain_answer(http1)),
+        (RouteTarget::Upstream(_), Some(upstream), kind) => {
             let upstream = upstream.clone();
-            if upgrade {
+            if let Some(kind) = kind {
                 let (route, conn) = (route.clone(), conn.clone());
-                handshake::forward(req, route, upstream, conn, shared.clone(), host.as_deref())
-                    .await
+                let host = host.as_deref();
+                handshake::forward(req, route, upstream, conn, shared.clone(), host, kind).await
             } else {
                 plain::forward(req, &route, &upstream, &conn, host.as_deref()).await
             }
         }
-        (RouteTarget::Upstream(name), None) => Err(ProxyError::Internal(format!(
+        (RouteTarget::Upstream(name), None, _) => Err(ProxyError::Internal(format!(
             "route {} names unknown upstream {name}",
             route.name
         ))),
@@ -87,7 +94,7 @@ pub async fn handle(
 
     let (response, handshake_result) = match result {
         Ok(response) => {
-            let outcome = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let outcome = if kind.is_some_and(|k| response.status() == k.accepted_status()) {
                 HandshakeResult::Upgraded
             } else {
                 HandshakeResult::UpstreamStatus
@@ -113,7 +120,7 @@ pub async fn handle(
     };
     count(&route, upgrade, &response, handshake_result, started);
     let mut response = response;
-    if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    if http1 && upgrade && handshake_result != HandshakeResult::Upgraded {
         // The head gate stops following the stream once a request asks for an upgrade
         // (what follows a 101 is not HTTP), so a refused upgrade ends the connection too:
         // no request after it goes unchecked.
@@ -162,11 +169,15 @@ fn refuse(e: ProxyError, conn: &ConnContext, shared: &Shared) -> Response<ProxyB
 }
 
 /// A plain request to a builtin WebSocket route.
-fn builtin_plain_answer() -> Response<ProxyBody> {
+fn builtin_plain_answer(http1: bool) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::text(
         "this route only accepts WebSocket upgrades\n",
     ));
     *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
+    if !http1 {
+        // HTTP/2 has no Upgrade: the WebSocket comes as an extended CONNECT instead.
+        return response;
+    }
     let headers = response.headers_mut();
     headers.insert(
         header::UPGRADE,

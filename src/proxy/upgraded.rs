@@ -17,6 +17,7 @@ use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
 use crate::listener::head_guard::HeadGuard;
 use crate::proxy::body::ProxyBody;
+use crate::proxy::handshake::UpgradeKind;
 use crate::upstream::{Server, Upstream};
 use crate::ws::record::{ConnRecord, Identity};
 use crate::ws::tunnel::TunnelSettings;
@@ -67,6 +68,7 @@ pub fn new_record(
     conn: &ConnContext,
     server: Option<(&Upstream, &Server)>,
     subprotocol: Option<String>,
+    kind: UpgradeKind,
 ) -> Arc<ConnRecord> {
     Arc::new(ConnRecord::new(
         Identity {
@@ -76,7 +78,7 @@ pub fn new_record(
             route: route.name.clone(),
             upstream: server.map(|(u, _)| u.name.clone()),
             server: server.map(|(_, s)| s.label.clone()),
-            http_version: "HTTP/1.1",
+            http_version: kind.http_version(),
             subprotocol,
             started: std::time::Instant::now(),
         },
@@ -84,20 +86,21 @@ pub fn new_record(
     ))
 }
 
-/// Answers the upgrade with 101 and spawns the tunnel and echo loop on the upgraded socket.
+/// Accepts the upgrade (101, or 200 over HTTP/2) and spawns the tunnel and echo loop on
+/// the upgraded stream.
 pub fn accept_echo<B>(
     req: Request<B>,
     route: &Route,
     conn: &ConnContext,
     shared: &Arc<Shared>,
-    key: &HeaderValue,
+    (kind, key): (UpgradeKind, &HeaderValue),
     permit: Permit,
 ) -> Response<ProxyBody>
 where
     B: Send + 'static,
 {
     let on_upgrade = hyper::upgrade::on(req);
-    let record = new_record(shared, route, conn, None, None);
+    let record = new_record(shared, route, conn, None, None, kind);
     let settings = tunnel_settings(route.config.timeouts, shared);
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
@@ -127,5 +130,5 @@ where
         };
         tokio::join!(tunnel, echo);
     });
-    super::handshake::switching_protocols(key)
+    super::handshake::accepted(kind, key)
 }

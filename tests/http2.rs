@@ -1,0 +1,424 @@
+//! HTTP/2 on the front: h2 by ALPN on TLS listeners, h2c with prior knowledge on plain ones
+//! (`http2 = true`), plain requests over h2 to the HTTP/1.1 upstream pools, and WebSockets
+//! over HTTP/2 (RFC 8441 extended CONNECT) translated to HTTP/1.1 upgrades towards the
+//! upstream. The client is hyper's own HTTP/2 client; the WebSocket over a stream is
+//! tokio-tungstenite running on the upgraded stream.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use support::{
+    empty_body, read_body, spawn_http_upstream, spawn_proxy, spawn_ws_upstream, tls_connect,
+    within, AbortOnDrop, ClientBody, Proxy, TestCa, TestDir,
+};
+
+/// An HTTP/2 client connection.
+struct H2 {
+    sender: SendRequest<ClientBody>,
+    _conn: AbortOnDrop,
+}
+
+impl H2 {
+    /// h2c with prior knowledge on a plain listener.
+    async fn plain(addr: SocketAddr) -> H2 {
+        let tcp = within("a TCP connection", TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+        H2::over(tcp).await
+    }
+
+    /// h2 by ALPN on a TLS listener.
+    async fn tls(addr: SocketAddr, ca: &TestCa) -> H2 {
+        let config = ca.client_config_with(
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+            &[b"h2", b"http/1.1"],
+        );
+        let tls = within("a TLS connection", tls_connect(addr, "localhost", config))
+            .await
+            .unwrap_or_else(|e| panic!("TLS to {addr}: {e}"));
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "ALPN should pick h2"
+        );
+        H2::over(tls).await
+    }
+
+    async fn over<S>(io: S) -> H2
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = within(
+            "the HTTP/2 handshake",
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(io)),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut h2 = H2 {
+            sender,
+            _conn: AbortOnDrop(conn),
+        };
+        // One request first: by its answer the server's SETTINGS (with extended CONNECT)
+        // have been read.
+        let _ = h2.get("/nothing-here").await;
+        h2
+    }
+
+    async fn send(&mut self, req: Request<ClientBody>) -> Response<hyper::body::Incoming> {
+        within("an HTTP/2 answer", self.sender.send_request(req))
+            .await
+            .expect("HTTP/2 request")
+    }
+
+    async fn get(&mut self, path: &str) -> Response<Bytes> {
+        let req = Request::get(format!("http://app.test{path}"))
+            .version(Version::HTTP_2)
+            .body(empty_body())
+            .expect("request");
+        read_body(self.send(req).await).await
+    }
+
+    /// An extended CONNECT for a WebSocket at `path`; the answer, and the stream when it
+    /// was accepted.
+    async fn websocket(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (Response<hyper::body::Incoming>, Option<WsOverH2>) {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("http://app.test{path}"))
+            .version(Version::HTTP_2)
+            .header("sec-websocket-version", "13");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let mut req = req.body(empty_body()).expect("request");
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let mut response = self.send(req).await;
+        if response.status() != StatusCode::OK {
+            return (response, None);
+        }
+        let upgraded = within("the stream", hyper::upgrade::on(&mut response))
+            .await
+            .expect("upgraded stream");
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        (response, Some(ws))
+    }
+}
+
+type WsOverH2 = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+async fn echo(ws: &mut WsOverH2, text: &str) {
+    ws.send(Message::text(text)).await.expect("send");
+    let reply = within("the echo", ws.next())
+        .await
+        .expect("a message")
+        .expect("no error");
+    assert_eq!(reply, Message::text(text));
+}
+
+fn config(upstream: SocketAddr, http_upstream: SocketAddr, listeners: &str) -> String {
+    format!(
+        "{listeners}\n\
+         [timeouts]\nclient_header = \"2s\"\n\n\
+         [upstreams.ws]\nservers = [\"{upstream}\"]\n\n\
+         [upstreams.web]\nservers = [\"{http_upstream}\"]\n\n\
+         [routes.ws]\npath = \"/ws\"\nupstream = \"ws\"\n\n\
+         [routes.echo]\npath = \"/echo\"\nbuiltin = \"echo\"\n\n\
+         [routes.web]\npath = \"/\"\nupstream = \"web\"\n"
+    )
+}
+
+const PLAIN_H2: &str = "[listeners.public]\nbind = \"127.0.0.1:0\"\nhttp2 = true\n";
+
+/// `/connections` of the admin listener, as JSON.
+async fn connections(proxy: &Proxy) -> serde_json::Value {
+    let request = support::http_request("GET", "/connections", &[("Host", "admin")]);
+    let body = support::raw_exchange(proxy.admin(), &request)
+        .await
+        .body_text();
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test]
+async fn plain_requests_over_h2c_reach_the_http1_upstream_with_host_from_authority() {
+    let ws = spawn_ws_upstream().await;
+    let mut web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    // (The SETTINGS probe of `H2::over` was the first request.)
+    let _ = web.requests.next("the probe request").await;
+
+    let response = h2.get("/page?x=1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), Version::HTTP_2);
+    assert_eq!(
+        response.body().as_ref(),
+        format!("hello from {}: GET /page?x=1", web.id()).as_bytes()
+    );
+    // Hop-by-hop headers of the upstream's HTTP/1.1 answer never reach an HTTP/2 client.
+    assert!(response.headers().get("keep-alive").is_none());
+    assert!(response.headers().get("connection").is_none());
+    let seen = web.requests.next("the upstream request").await;
+    assert_eq!(seen.header("host"), Some("app.test"));
+    assert_eq!(seen.uri, "/page?x=1");
+    assert!(seen.header("x-forwarded-for").is_some());
+}
+
+#[tokio::test]
+async fn a_websocket_over_h2c_is_an_http1_upgrade_towards_the_upstream() {
+    let mut ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+
+    let (response, stream) = h2
+        .websocket("/ws/room?u=1", &[("origin", "http://app.test")])
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get("sec-websocket-accept").is_none());
+    let mut stream = stream.expect("the WebSocket");
+    // The upstream saw an ordinary HTTP/1.1 upgrade with a key wsgate made.
+    let seen = ws.requests.next("the upstream's upgrade request").await;
+    assert_eq!(seen.method, Method::GET);
+    assert_eq!(seen.uri, "/ws/room?u=1");
+    assert_eq!(seen.header("host"), Some("app.test"));
+    assert!(seen.has_token("connection", "upgrade"));
+    assert!(seen.has_token("upgrade", "websocket"));
+    assert_eq!(seen.header("sec-websocket-key").map(str::len), Some(24));
+    assert_eq!(seen.header("origin"), Some("http://app.test"));
+
+    echo(&mut stream, "over a stream").await;
+    let list = connections(&proxy).await;
+    assert_eq!(list[0]["http_version"], "2", "{list}");
+    assert_eq!(list[0]["route"], "ws", "{list}");
+
+    // Two more streams on the same connection: a WebSocket to the builtin echo and a plain
+    // request, while the first WebSocket stays open.
+    let (_, echo_stream) = h2.websocket("/echo", &[]).await;
+    let mut echo_stream = echo_stream.expect("the builtin echo");
+    echo(&mut echo_stream, "builtin").await;
+    assert_eq!(h2.get("/page").await.status(), StatusCode::OK);
+    echo(&mut stream, "still open").await;
+
+    stream
+        .close(Some(CloseFrame {
+            code: 1000.into(),
+            reason: "bye".into(),
+        }))
+        .await
+        .expect("close");
+    let close = ws.closes.next("the upstream's close").await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000));
+}
+
+#[tokio::test]
+async fn h2_by_alpn_on_tls_serves_websockets_and_pages() {
+    let ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.issue(&["localhost"]).write(&dir, "site");
+    let listeners = "[listeners.public]\nbind = \"127.0.0.1:0\"\nhttp2 = true\n\
+                     tls = { cert = \"site.crt\", key = \"site.key\" }\n";
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, listeners), &dir).await;
+    let mut h2 = H2::tls(proxy.addr("public"), &ca).await;
+    assert_eq!(h2.get("/index.html").await.status(), StatusCode::OK);
+    let (_, stream) = h2.websocket("/ws", &[]).await;
+    let mut stream = stream.expect("the WebSocket");
+    echo(&mut stream, "over TLS").await;
+    assert_eq!(connections(&proxy).await[0]["http_version"], "2");
+    let request = support::http_request("GET", "/metrics", &[("Host", "admin")]);
+    let metrics = support::raw_exchange(proxy.admin(), &request)
+        .await
+        .body_text();
+    assert!(
+        metrics.contains("wsgate_http_connections_total{listener=\"public\",version=\"2\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn http2_false_never_offers_h2_and_answers_the_preface_as_http1() {
+    let ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.issue(&["localhost"]).write(&dir, "site");
+    let listeners = "[listeners.public]\nbind = \"127.0.0.1:0\"\n\n\
+                     [listeners.secure]\nbind = \"127.0.0.1:0\"\n\
+                     tls = { cert = \"site.crt\", key = \"site.key\" }\n";
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, listeners), &dir).await;
+
+    let config = ca.client_config_with(
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        &[b"h2", b"http/1.1"],
+    );
+    let tls = tls_connect(proxy.addr("secure"), "localhost", config)
+        .await
+        .expect("TLS");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+
+    // The preface on a plain HTTP/1.1 listener is not a request wsgate serves.
+    let mut tcp = TcpStream::connect(proxy.addr("public")).await.expect("tcp");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    let mut answer = Vec::new();
+    within("the answer", tcp.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer
+            .ends_with("\r\n\r\nHTTP version not supported: this listener speaks HTTP/1.1 only\n"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_refused_by_the_upstream_is_relayed_on_the_stream() {
+    // An HTTP server on the WebSocket route: it answers the upgrade with 200 and a page,
+    // which over HTTP/2 would read as "WebSocket open": wsgate answers 502 instead.
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(web.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let (response, stream) = h2.websocket("/ws", &[]).await;
+    assert!(stream.is_none());
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body = read_body(response).await;
+    let text = String::from_utf8_lossy(body.body());
+    assert!(text.contains("instead of 101"), "{text}");
+
+    // A status other than 2xx is relayed with its body, as on HTTP/1.1.
+    let (response, stream) = h2.websocket("/ws", &[("x-reply-status", "403")]).await;
+    assert!(stream.is_none());
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_reset_stream_is_client_gone_for_the_upstream() {
+    let mut ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let (_, stream) = h2.websocket("/ws", &[]).await;
+    let mut stream = stream.expect("the WebSocket");
+    echo(&mut stream, "hello").await;
+    // Dropping the client side of the stream resets it (RST_STREAM), the connection stays.
+    drop(stream);
+    let close = ws.closes.next("the upstream's close").await;
+    let close = close.expect("a close frame with a code");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1001, "client gone")
+    );
+    assert_eq!(h2.get("/after").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_h2c_client_that_sends_no_request_is_closed_after_client_header() {
+    let ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut tcp = TcpStream::connect(proxy.addr("public")).await.expect("tcp");
+    // The preface and an empty SETTINGS frame, then nothing.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let _ = within("the connection to close", tcp.read_to_end(&mut sink)).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "closed after {took:?}; client_header is 2s"
+    );
+}
+
+#[tokio::test]
+async fn a_drain_sends_goaway_and_closes_the_websockets_on_the_connection() {
+    let mut ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let toml = config(ws.addr, web.addr, PLAIN_H2).replace(
+        "[timeouts]\n",
+        "[timeouts]\ndrain_spread = \"0s\"\nshutdown_grace = \"5s\"\n",
+    );
+    let proxy = spawn_proxy(&toml, &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let (_, stream) = h2.websocket("/ws", &[]).await;
+    let mut stream = stream.expect("the WebSocket");
+    echo(&mut stream, "before the drain").await;
+
+    let drained = tokio::spawn(proxy.shutdown());
+    // The WebSocket gets its close on its stream; the library answers it.
+    let close = loop {
+        match within("the drain's close", stream.next()).await {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.expect("a close code");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1001, "going away")
+    );
+    // The client's answer goes out as the library is polled; then the upstream gets its
+    // close (the client is closed first).
+    let (_, up) = tokio::join!(
+        async { while let Some(Ok(_)) = within("the end of the stream", stream.next()).await {} },
+        ws.closes.next("the upstream's close")
+    );
+    assert_eq!(up.map(|c| u16::from(c.code)), Some(1001));
+    // GOAWAY: the connection takes no new stream.
+    let req = Request::get("http://app.test/late")
+        .version(Version::HTTP_2)
+        .body(empty_body())
+        .expect("request");
+    let late = within("the late request", h2.sender.send_request(req)).await;
+    assert!(late.is_err(), "a stream opened after GOAWAY: {late:?}");
+    // The client lets go of the stream, as a browser does after the close handshake: with
+    // no stream left, the connection ends and the drain is over, long before
+    // shutdown_grace.
+    drop(stream);
+    let started = std::time::Instant::now();
+    within("the drain to finish", drained)
+        .await
+        .expect("shutdown task")
+        .expect("clean shutdown");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the drain took {:?}",
+        started.elapsed()
+    );
+}
