@@ -422,3 +422,158 @@ async fn a_drain_sends_goaway_and_closes_the_websockets_on_the_connection() {
         started.elapsed()
     );
 }
+
+// ---- protection: raw HTTP/2 frames ----------------------------------------------------------
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// `GET http://app.test/` in HPACK: static-table method, scheme and path, a literal
+/// authority not indexed.
+fn get_block() -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, 8];
+    block.extend_from_slice(b"app.test");
+    block
+}
+
+/// Reads frames until the server ends the connection; returns the GOAWAY error codes seen.
+async fn goaways(tcp: &mut TcpStream) -> Vec<u32> {
+    let mut bytes = Vec::new();
+    let _ = within(
+        "the server to end the connection",
+        tcp.read_to_end(&mut bytes),
+    )
+    .await;
+    let mut codes = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = (usize::from(bytes[at]) << 16)
+            | (usize::from(bytes[at + 1]) << 8)
+            | usize::from(bytes[at + 2]);
+        let kind = bytes[at + 3];
+        let payload = &bytes[(at + 9).min(bytes.len())..(at + 9 + len).min(bytes.len())];
+        if kind == GOAWAY && payload.len() >= 8 {
+            codes.push(u32::from_be_bytes([
+                payload[4], payload[5], payload[6], payload[7],
+            ]));
+        }
+        at += 9 + len;
+    }
+    codes
+}
+
+/// CPU time (user + system) of this process: the proxy runs in it.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Resident memory of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn rapid_reset_streams_get_goaway_with_bounded_cost() {
+    const STREAMS: u32 = 20_000;
+    let ws = spawn_ws_upstream().await;
+    let mut web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut tcp = TcpStream::connect(proxy.addr("public")).await.expect("tcp");
+    // CVE-2023-44487: open a stream and reset it at once, again and again, in one write.
+    let mut attack = PREFACE.to_vec();
+    attack.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    let block = get_block();
+    for i in 0..STREAMS {
+        let id = 2 * i + 1;
+        attack.extend(h2_frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+        attack.extend(h2_frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    let cpu = cpu_time();
+    let started = std::time::Instant::now();
+    let _ = tcp.write_all(&attack).await;
+    let codes = goaways(&mut tcp).await;
+    let (cpu, took) = (cpu_time() - cpu, started.elapsed());
+    eprintln!("rapid reset: {STREAMS} streams, goaway {codes:?}, {took:?}, cpu {cpu:?}");
+    // ENHANCE_YOUR_CALM (0xb): the server stops the connection instead of serving it.
+    assert!(codes.contains(&0xb), "GOAWAY codes {codes:?}");
+    assert!(
+        cpu < Duration::from_secs(5),
+        "{cpu:?} of CPU for the attack"
+    );
+    // Nothing like one upstream request per stream.
+    let mut forwarded = 0;
+    while web.requests.try_next().is_some() {
+        forwarded += 1;
+    }
+    assert!(forwarded < 200, "{forwarded} requests reached the upstream");
+    // The listener still serves.
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    assert_eq!(h2.get("/after").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_continuation_flood_is_cut_off_early() {
+    let ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut tcp = TcpStream::connect(proxy.addr("public")).await.expect("tcp");
+    let mut start = PREFACE.to_vec();
+    start.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    // A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION
+    // frames of 16 KiB, up to 64 MiB if nobody stops it.
+    start.extend(h2_frame(HEADERS, END_STREAM, 1, &get_block()));
+    tcp.write_all(&start).await.expect("write");
+    let rss = rss_kib();
+    let cpu = cpu_time();
+    let chunk = h2_frame(CONTINUATION, 0, 1, &[0x40u8; 16 * 1024]);
+    let mut sent = 0usize;
+    for _ in 0..4096 {
+        match tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break,
+        }
+    }
+    let codes = goaways(&mut tcp).await;
+    let grew = rss_kib().saturating_sub(rss);
+    let cpu = cpu_time() - cpu;
+    eprintln!(
+        "continuation flood: {} KiB written before the end, goaway {codes:?}, RSS +{grew} KiB, cpu {cpu:?}",
+        sent / 1024
+    );
+    assert!(
+        sent < 32 * 1024 * 1024,
+        "the server read {sent} bytes of one header block"
+    );
+    assert!(grew < 32 * 1024, "RSS grew by {grew} KiB");
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    assert_eq!(h2.get("/after").await.status(), StatusCode::OK);
+}
