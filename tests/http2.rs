@@ -577,3 +577,81 @@ async fn a_continuation_flood_is_cut_off_early() {
     let mut h2 = H2::plain(proxy.addr("public")).await;
     assert_eq!(h2.get("/after").await.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn request_bodies_stream_both_ways_over_h2() {
+    let ws = spawn_ws_upstream().await;
+    let mut web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let body = support::pattern(3 * 1024 * 1024 + 17);
+    // Streamed in pieces, with no length announced: chunked towards the upstream.
+    let (tx, stream_body) = support::channel_body(4);
+    let pieces: Vec<Bytes> = body.chunks(100_000).map(Bytes::copy_from_slice).collect();
+    let producer = tokio::spawn(async move {
+        for piece in pieces {
+            if tx.send(piece).await.is_err() {
+                break;
+            }
+        }
+    });
+    let req = Request::post("http://app.test/upload")
+        .version(Version::HTTP_2)
+        .body(stream_body)
+        .expect("request");
+    let response = read_body(h2.send(req).await).await;
+    within("the producer", producer).await.expect("producer");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.body().len(), body.len());
+    assert!(
+        response.body().as_ref() == body.as_slice(),
+        "the echoed body differs"
+    );
+    let digest = web.bodies.next("the upstream's body digest").await;
+    assert_eq!(digest.len, body.len() as u64);
+    assert_eq!(digest.sha1, support::sha1_hex(&body));
+}
+
+/// A WebSocket whose client stops reading holds up only its own stream: flow control
+/// stops the traffic back to the upstream, wsgate buffers no more than the stream's
+/// window and send buffer, and another WebSocket on the same connection goes on.
+#[tokio::test]
+async fn a_stalled_stream_does_not_stall_the_others_or_grow_memory() {
+    let ws = spawn_ws_upstream().await;
+    let web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let (_, stalled) = h2.websocket("/ws", &[]).await;
+    let (mut sink, _never_read) = stalled.expect("first WebSocket").split();
+    let (_, other) = h2.websocket("/ws", &[]).await;
+    let mut other = other.expect("second WebSocket");
+    echo(&mut other, "before").await;
+
+    // Send on the first until its echoes, never read, stop everything behind them.
+    let rss = rss_kib();
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let mut sent = 0usize;
+    for _ in 0..4096 {
+        let send = sink.send(Message::Binary(chunk.clone()));
+        match tokio::time::timeout(Duration::from_millis(500), send).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(e)) => panic!("send failed after {sent} bytes: {e}"),
+            Err(_) => break,
+        }
+    }
+    let grew = rss_kib().saturating_sub(rss);
+    eprintln!(
+        "stalled stream: {} KiB accepted before flow control stopped it, RSS +{grew} KiB",
+        sent / 1024
+    );
+    assert!(
+        sent < 64 * 1024 * 1024,
+        "{sent} bytes went in: nothing stopped them"
+    );
+    // The whole test process (client, wsgate, upstream) holds what is in flight.
+    assert!(grew < 48 * 1024, "RSS grew by {grew} KiB");
+    // The other stream of the same connection still works.
+    echo(&mut other, "after").await;
+}
