@@ -655,3 +655,34 @@ async fn a_stalled_stream_does_not_stall_the_others_or_grow_memory() {
     // The other stream of the same connection still works.
     echo(&mut other, "after").await;
 }
+
+#[tokio::test]
+async fn a_header_list_over_max_request_head_is_refused() {
+    let ws = spawn_ws_upstream().await;
+    let mut web = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let toml = config(ws.addr, web.addr, PLAIN_H2) + "\n[limits]\nmax_request_head = \"16KiB\"\n";
+    let proxy = spawn_proxy(&toml, &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let _ = web.requests.next("the probe request").await;
+    let big = "x".repeat(20 * 1024);
+    let req = Request::get("http://app.test/big")
+        .version(Version::HTTP_2)
+        .header("x-big", big.as_str())
+        .body(empty_body())
+        .expect("request");
+    let answer = within("the answer", h2.sender.send_request(req)).await;
+    match answer {
+        Ok(response) => assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        ),
+        Err(e) => panic!("expected 431, got {e}"),
+    }
+    assert!(
+        web.requests.try_next().is_none(),
+        "the request reached the upstream"
+    );
+    // The connection goes on.
+    assert_eq!(h2.get("/small").await.status(), StatusCode::OK);
+}
