@@ -65,7 +65,8 @@ pub struct Opts {
     #[arg(long)]
     skip: Vec<String>,
     /// Run only these workloads (comma-separated ids: echo32, echo16k, text32, text16k,
-    /// text16k-mixed, echo256k, paced, handshake, handshake-tls, idle, idle-tls). Default: all.
+    /// text16k-mixed, h2echo32-streams, h2echo32-conns, h2echo16k-streams, echo256k, paced,
+    /// handshake, handshake-tls, idle, idle-tls). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// The wsgate binary (default: target/release/wsgate).
@@ -157,9 +158,12 @@ pub struct Workload {
 pub enum Kind {
     /// `text`: text messages of this kind (`load --text`), UTF-8 checked by wsgate,
     /// instead of binary ones.
+    ///
+    /// `h2`: WebSockets over HTTP/2 (h2c), this many streams per connection.
     Echo {
         size: usize,
         text: Option<&'static str>,
+        h2: Option<usize>,
     },
     Paced,
     Handshake {
@@ -178,6 +182,7 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 32,
                 text: None,
+                h2: None,
             },
         },
         Workload {
@@ -186,6 +191,7 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 16 * 1024,
                 text: None,
+                h2: None,
             },
         },
         Workload {
@@ -194,6 +200,7 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 32,
                 text: Some("json"),
+                h2: None,
             },
         },
         Workload {
@@ -202,6 +209,7 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 16 * 1024,
                 text: Some("json"),
+                h2: None,
             },
         },
         Workload {
@@ -210,6 +218,34 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 16 * 1024,
                 text: Some("mixed"),
+                h2: None,
+            },
+        },
+        Workload {
+            id: "h2echo32-streams",
+            title: "32 B echo over HTTP/2, 64 streams on 8 conns",
+            kind: Kind::Echo {
+                size: 32,
+                text: None,
+                h2: Some(8),
+            },
+        },
+        Workload {
+            id: "h2echo32-conns",
+            title: "32 B echo over HTTP/2, 64 conns of one stream",
+            kind: Kind::Echo {
+                size: 32,
+                text: None,
+                h2: Some(1),
+            },
+        },
+        Workload {
+            id: "h2echo16k-streams",
+            title: "16 KiB echo over HTTP/2, 64 streams on 8 conns",
+            kind: Kind::Echo {
+                size: 16 * 1024,
+                text: None,
+                h2: Some(8),
             },
         },
         Workload {
@@ -218,6 +254,7 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 256 * 1024,
                 text: None,
+                h2: None,
             },
         },
         Workload {
@@ -231,6 +268,7 @@ fn workloads() -> Vec<Workload> {
             kind: Kind::Echo {
                 size: 32,
                 text: None,
+                h2: None,
             },
         },
         Workload {
@@ -828,6 +866,20 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                 // Each round starts one target later, so no target always follows the same one.
                 let slot = (k + round) % slots;
                 n += 1;
+                let h2 = matches!(w.kind, Kind::Echo { h2: Some(_), .. });
+                let target = if slot < first_peer {
+                    "direct"
+                } else {
+                    peers[slot - first_peer].name
+                };
+                if h2 && target != "wsgate" {
+                    // Only wsgate's plain listener serves h2c here: the echo upstream speaks
+                    // HTTP/1.1 only, nginx cannot carry WebSockets over HTTP/2, and HAProxy's
+                    // h2 needs a listener of its own (`proto h2`) the harness does not set up.
+                    runs[slot]
+                        .push(json!({"error": format!("n/a: {target} is not driven over HTTP/2")}));
+                    continue;
+                }
                 let v = if slot < first_peer {
                     let url = match w.kind {
                         Kind::Handshake { tls: true } => format!("wss://localhost:{up_tls_port}/"),
@@ -961,9 +1013,12 @@ impl LoadCtx<'_> {
             secs(p.warmup),
         ];
         let planned = match w.kind {
-            Kind::Echo { size, text } => {
+            Kind::Echo { size, text, h2 } => {
                 if let Some(kind) = text {
                     args.extend(["--text".into(), kind.into()]);
+                }
+                if let Some(streams) = h2 {
+                    args.extend(["--h2".into(), streams.to_string()]);
                 }
                 args.extend([
                     "--mode".into(),

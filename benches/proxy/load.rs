@@ -30,13 +30,73 @@ use hdrhistogram::Histogram;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-// A client connection, plain or TLS: the same two shapes as wsgate's upstream stream.
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::LocalSet;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use wsgate::upstream::UpstreamStream as Conn;
+
+/// A client connection: a WebSocket over plain TCP, over TLS, or on an HTTP/2 stream
+/// (RFC 8441 extended CONNECT, `--h2`).
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    H2(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::H2(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::H2(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::H2(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::H2(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+type H2Sender = SendRequest<Empty<Bytes>>;
 
 use crate::sys::{self, Sample};
 use crate::ws::{self, FrameReader};
@@ -112,6 +172,10 @@ pub struct Opts {
     /// allocations in the proxy are not per-connection costs).
     #[arg(long, default_value_t = 16)]
     pub warmup_conns: usize,
+    /// Echo: WebSockets over HTTP/2 (extended CONNECT), this many streams per connection
+    /// (h2c with prior knowledge for ws://, ALPN h2 for wss://).
+    #[arg(long)]
+    pub h2: Option<usize>,
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
@@ -141,6 +205,10 @@ struct Target {
     host: String,
     path: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// `--h2`: streams per HTTP/2 connection, the connection new streams go on, and how
+    /// many it carries so far.
+    h2: Option<usize>,
+    h2_conn: RefCell<Option<(H2Sender, usize)>>,
 }
 
 impl Target {
@@ -174,21 +242,98 @@ impl Target {
                 .with_no_client_auth();
             // Every handshake is a full one, as from distinct clients.
             config.resumption = rustls::client::Resumption::disabled();
+            if opts.h2.is_some() {
+                config.alpn_protocols = vec![b"h2".to_vec()];
+            }
             let name = ServerName::try_from(opts.server_name.clone())?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
             None
         };
+        if opts.h2 == Some(0) || (opts.h2.is_some() && opts.mode != Mode::Echo) {
+            bail!("--h2 takes a number of streams per connection, in echo mode");
+        }
         Ok(Target {
             addr,
             host: host.to_owned(),
             path: path.to_owned(),
             tls,
+            h2: opts.h2,
+            h2_conn: RefCell::new(None),
         })
+    }
+
+    /// A WebSocket on a new HTTP/2 stream: on the current connection until it carries
+    /// `--h2` streams, then on a new one.
+    async fn connect_h2(
+        &self,
+        frame_capacity: usize,
+        per_conn: usize,
+    ) -> io::Result<(Conn, FrameReader)> {
+        let current = self.h2_conn.borrow_mut().take();
+        let (mut sender, carried) = match current {
+            Some((sender, carried)) if carried < per_conn => (sender, carried),
+            _ => (self.h2_handshake().await?, 0),
+        };
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://{}{}", self.host, self.path))
+            .version(http::Version::HTTP_2)
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())
+            .map_err(io::Error::other)?;
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        sender.ready().await.map_err(io::Error::other)?;
+        let mut response = sender.send_request(req).await.map_err(io::Error::other)?;
+        if response.status() != http::StatusCode::OK {
+            return Err(io::Error::other(format!(
+                "extended CONNECT answered {}",
+                response.status()
+            )));
+        }
+        let upgraded = hyper::upgrade::on(&mut response)
+            .await
+            .map_err(io::Error::other)?;
+        *self.h2_conn.borrow_mut() = Some((sender, carried + 1));
+        Ok((
+            Conn::H2(TokioIo::new(upgraded)),
+            FrameReader::new(Vec::new(), frame_capacity),
+        ))
+    }
+
+    /// A new HTTP/2 connection, ready for extended CONNECT (the server's SETTINGS read).
+    async fn h2_handshake(&self) -> io::Result<H2Sender> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let io = match &self.tls {
+            None => Conn::Plain(tcp),
+            Some((connector, name)) => {
+                Conn::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+        });
+        // A first request's answer means the SETTINGS (with extended CONNECT) are in.
+        let probe = http::Request::builder()
+            .uri(format!("http://{}/", self.host))
+            .version(http::Version::HTTP_2)
+            .body(Empty::<Bytes>::new())
+            .map_err(io::Error::other)?;
+        let _ = sender.send_request(probe).await;
+        Ok(sender)
     }
 
     /// TCP connect, TLS, WebSocket upgrade.
     async fn connect(&self, frame_capacity: usize) -> io::Result<(Conn, FrameReader)> {
+        if let Some(per_conn) = self.h2 {
+            return self.connect_h2(frame_capacity, per_conn).await;
+        }
         let tcp = TcpStream::connect(self.addr).await?;
         tcp.set_nodelay(true)?;
         let mut conn = match &self.tls {
@@ -637,6 +782,8 @@ async fn handshake(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
         host: target.host.clone(),
         path: target.path.clone(),
         tls: target.tls.clone(),
+        h2: None,
+        h2_conn: RefCell::new(None),
     });
     let tally = Tally::new();
     let t0 = Instant::now();
@@ -711,6 +858,8 @@ async fn idle(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
             host: target.host.clone(),
             path: target.path.clone(),
             tls: target.tls.clone(),
+            h2: None,
+            h2_conn: RefCell::new(None),
         }),
         Rc::new(msg),
         Rc::new(data),

@@ -443,6 +443,35 @@ fn checks(run: &RunResults) -> Vec<Check> {
             );
         }
     }
+    // WebSockets over HTTP/2 against the same over HTTP/1.1, wsgate both times.
+    for (h2, h1, label) in [
+        (
+            "h2echo32-streams",
+            "echo32-1",
+            "32 B, 64 streams on 8 conns",
+        ),
+        ("h2echo32-conns", "echo32-1", "32 B, 64 conns"),
+        (
+            "h2echo16k-streams",
+            "echo16k",
+            "16 KiB, 64 streams on 8 conns",
+        ),
+    ] {
+        let bar = find(h1).and_then(|b| {
+            let mt = metric(b.kind, "proxy CPU per msg");
+            b.value("wsgate", mt).map(|v| v * 1.3)
+        });
+        if bar.is_some() {
+            add(
+                find(h2),
+                format!("{label} over HTTP/2: CPU per msg ≤ 1.3× HTTP/1.1"),
+                "proxy CPU per msg",
+                "wsgate",
+                1.0,
+                bar,
+            );
+        }
+    }
     add(
         find("paced"),
         "paced 10k msgs/s: p99 ≤ HAProxy".into(),
