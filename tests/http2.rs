@@ -686,3 +686,32 @@ async fn a_header_list_over_max_request_head_is_refused() {
     // The connection goes on.
     assert_eq!(h2.get("/small").await.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_reload_applies_to_new_streams_on_an_open_connection() {
+    let ws = spawn_ws_upstream().await;
+    let mut web = spawn_http_upstream().await;
+    let other = spawn_http_upstream().await;
+    let dir = TestDir::new();
+    let proxy = spawn_proxy(&config(ws.addr, web.addr, PLAIN_H2), &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let _ = web.requests.next("the probe request").await;
+    let before = h2.get("/page").await;
+    assert_eq!(before.headers()["x-server"], web.id().as_str());
+
+    // The pages move to another server; the connection stays open across the reload.
+    let moved = config(ws.addr, other.addr, PLAIN_H2);
+    dir.write(
+        "proxy.toml",
+        format!("[admin]\nbind = \"127.0.0.1:0\"\n\n{moved}"),
+    );
+    let request = support::http_request(
+        "POST",
+        "/reload",
+        &[("Host", "admin"), ("Content-Length", "0")],
+    );
+    let reloaded = support::raw_exchange(proxy.admin(), &request).await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body_text());
+    let after = h2.get("/page").await;
+    assert_eq!(after.headers()["x-server"], other.id().as_str());
+}
