@@ -45,26 +45,36 @@ async def run(url: str, cases, exclude) -> list:
         return failure.results
 
 
-def main() -> int:
+def arguments(target: str, target_type=str) -> argparse.Namespace:
+    """TARGET OUT.json [--cases] [--exclude] [--reports]: what fuzz.py and serve.py take."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("url")
+    ap.add_argument(target, type=target_type)
     ap.add_argument("out")
     ap.add_argument("--cases")
     ap.add_argument("--exclude")
     ap.add_argument("--reports")
-    args = ap.parse_args()
-    results = asyncio.run(run(args.url, split(args.cases), split(args.exclude)))
+    return ap.parse_args()
+
+
+def write_verdicts(results: list, out: str, reports: str | None, label: str) -> int:
+    """Writes OUT.json (and kosoku's reports); the exit status."""
     verdicts = {r.case_id: to_dict(r) for r in results}
-    with open(args.out + ".tmp", "w") as f:
+    with open(out + ".tmp", "w") as f:
         json.dump(verdicts, f, indent=1)
         f.write("\n")
-    os.replace(args.out + ".tmp", args.out)
-    if args.reports:
+    os.replace(out + ".tmp", out)
+    if reports:
         from kosoku._report import write_reports  # kosoku's own report writer
 
-        write_reports(results, args.reports)
-    print(f"{args.url}: {len(verdicts)} cases", file=sys.stderr)
+        write_reports(results, reports)
+    print(f"{label}: {len(verdicts)} cases", file=sys.stderr)
     return 0 if verdicts else 1
+
+
+def main() -> int:
+    args = arguments("url")
+    results = asyncio.run(run(args.url, split(args.cases), split(args.exclude)))
+    return write_verdicts(results, args.out, args.reports, args.url)
 
 
 if __name__ == "__main__":

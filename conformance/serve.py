@@ -8,15 +8,13 @@ Listens on 127.0.0.1:PORT until a client has run every selected case (and asked 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import sys
 
 from kosoku import FailureError, run_fuzzingserver
 
-from fuzz import split, to_dict
+from fuzz import arguments, split, write_verdicts
 
 
 async def serve(port: int, cases, exclude) -> list:
@@ -29,25 +27,9 @@ async def serve(port: int, cases, exclude) -> list:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("port", type=int)
-    ap.add_argument("out")
-    ap.add_argument("--cases")
-    ap.add_argument("--exclude")
-    ap.add_argument("--reports")
-    args = ap.parse_args()
+    args = arguments("port", int)
     results = asyncio.run(serve(args.port, split(args.cases), split(args.exclude)))
-    verdicts = {r.case_id: to_dict(r) for r in results}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(verdicts, f, indent=1)
-        f.write("\n")
-    os.replace(args.out + ".tmp", args.out)
-    if args.reports:
-        from kosoku._report import write_reports  # kosoku's own report writer
-
-        write_reports(results, args.reports)
-    print(f"fuzzingserver on port {args.port}: {len(verdicts)} cases", file=sys.stderr)
-    return 0 if verdicts else 1
+    return write_verdicts(results, args.out, args.reports, f"fuzzingserver on port {args.port}")
 
 
 if __name__ == "__main__":

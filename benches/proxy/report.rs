@@ -421,50 +421,54 @@ fn checks(run: &RunResults) -> Vec<Check> {
         0.7,
         None,
     );
-    // The UTF-8 check of text messages: wsgate's CPU per text message against its own CPU
-    // per binary message of the same size, in the same run.
-    for (text, binary, label) in [
-        ("text32", "echo32-1", "32 B"),
-        ("text16k", "echo16k", "16 KiB"),
-        ("text16k-mixed", "echo16k", "16 KiB mixed"),
-    ] {
-        let bar = find(binary).and_then(|b| {
-            let mt = metric(b.kind, "proxy CPU per msg");
-            b.value("wsgate", mt).map(|v| v * 1.05)
-        });
-        if bar.is_some() {
-            add(
-                find(text),
-                format!("{label} text echo: CPU per msg ≤ 1.05× binary"),
-                "proxy CPU per msg",
-                "wsgate",
-                1.0,
-                bar,
-            );
-        }
-    }
-    // WebSockets over HTTP/2 against the same over HTTP/1.1, wsgate both times.
-    for (h2, h1, label) in [
+    // wsgate against itself in the same run: its CPU per text message against binary ones of
+    // the same size (the UTF-8 check), and per message over HTTP/2 against HTTP/1.1.
+    for (workload, reference, factor, what) in [
+        (
+            "text32",
+            "echo32-1",
+            1.05,
+            "32 B text echo: CPU per msg ≤ 1.05× binary",
+        ),
+        (
+            "text16k",
+            "echo16k",
+            1.05,
+            "16 KiB text echo: CPU per msg ≤ 1.05× binary",
+        ),
+        (
+            "text16k-mixed",
+            "echo16k",
+            1.05,
+            "16 KiB mixed text echo: CPU per msg ≤ 1.05× binary",
+        ),
         (
             "h2echo32-streams",
             "echo32-1",
-            "32 B, 64 streams on 8 conns",
+            1.3,
+            "32 B, 64 streams on 8 conns over HTTP/2: CPU per msg ≤ 1.3× HTTP/1.1",
         ),
-        ("h2echo32-conns", "echo32-1", "32 B, 64 conns"),
+        (
+            "h2echo32-conns",
+            "echo32-1",
+            1.3,
+            "32 B, 64 conns over HTTP/2: CPU per msg ≤ 1.3× HTTP/1.1",
+        ),
         (
             "h2echo16k-streams",
             "echo16k",
-            "16 KiB, 64 streams on 8 conns",
+            1.3,
+            "16 KiB, 64 streams on 8 conns over HTTP/2: CPU per msg ≤ 1.3× HTTP/1.1",
         ),
     ] {
-        let bar = find(h1).and_then(|b| {
-            let mt = metric(b.kind, "proxy CPU per msg");
-            b.value("wsgate", mt).map(|v| v * 1.3)
+        let bar = find(reference).and_then(|r| {
+            let mt = metric(r.kind, "proxy CPU per msg");
+            r.value("wsgate", mt).map(|v| v * factor)
         });
         if bar.is_some() {
             add(
-                find(h2),
-                format!("{label} over HTTP/2: CPU per msg ≤ 1.3× HTTP/1.1"),
+                find(workload),
+                what.into(),
                 "proxy CPU per msg",
                 "wsgate",
                 1.0,

@@ -235,6 +235,12 @@ async fn serve_http<S>(
     Box::pin(serve_hyper(guard, ctx, shared, shutdown)).await
 }
 
+/// What a connection is served with, from the configuration in force when it starts.
+fn connection_settings(shared: &Shared) -> (Duration, crate::config::Limits) {
+    let gateway = shared.gateway.load();
+    (gateway.timeouts.client_header, gateway.limits)
+}
+
 /// Serves an HTTP/2 connection: streams multiplexed by hyper's server, each request handed
 /// to the same service as HTTP/1.1 ones; WebSockets arrive as extended CONNECT (RFC 8441).
 /// The client has `client_header` for its preface and first request; SIGTERM sends GOAWAY.
@@ -247,10 +253,7 @@ async fn serve_h2<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (client_header, limits) = {
-        let gateway = shared.gateway.load();
-        (gateway.timeouts.client_header, gateway.limits)
-    };
+    let (client_header, limits) = connection_settings(&shared);
     shared.metrics.http_connection(&ctx.listener, "2");
     let first_request = Arc::new(tokio::sync::Notify::new());
     let service = {
@@ -305,10 +308,7 @@ async fn serve_hyper<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (client_header, limits) = {
-        let gateway = shared.gateway.load();
-        (gateway.timeouts.client_header, gateway.limits)
-    };
+    let (client_header, limits) = connection_settings(&shared);
     shared.metrics.http_connection(&ctx.listener, "1.1");
     let service = {
         let ctx = ctx.clone();
