@@ -715,3 +715,87 @@ async fn a_reload_applies_to_new_streams_on_an_open_connection() {
     let after = h2.get("/page").await;
     assert_eq!(after.headers()["x-server"], other.id().as_str());
 }
+
+/// Socket.IO's transports: long-polling requests first, then the upgrade on the same path.
+/// Over HTTP/2 both go on the one connection: the polls as ordinary requests, the upgrade
+/// as an extended CONNECT, and the app server sees polls and an HTTP/1.1 upgrade.
+#[tokio::test]
+async fn socket_io_polling_then_upgrade_over_h2() {
+    let app = spawn_socket_io_like_upstream().await;
+    let dir = TestDir::new();
+    let toml = format!(
+        "{PLAIN_H2}\n[upstreams.app]\nservers = [\"{app}\"]\n\n\
+         [routes.app]\npath = \"/socket.io\"\nupstream = \"app\"\n\n\
+         [routes.rest]\npath = \"/\"\nupstream = \"app\"\n"
+    );
+    let proxy = spawn_proxy(&toml, &dir).await;
+    let mut h2 = H2::plain(proxy.addr("public")).await;
+    let poll = h2.get("/socket.io/?EIO=4&transport=polling").await;
+    assert_eq!(poll.status(), StatusCode::OK);
+    assert_eq!(poll.body().as_ref(), b"0{\"sid\":\"abc\"}");
+    let (response, stream) = h2
+        .websocket("/socket.io/?EIO=4&transport=websocket&sid=abc", &[])
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = stream.expect("the upgraded transport");
+    echo(&mut stream, "2probe").await;
+}
+
+/// An app server that answers polls with a handshake packet and upgrades WebSocket
+/// requests to an echo, on the same path.
+async fn spawn_socket_io_like_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        let key = req.headers().get("sec-websocket-key").cloned();
+                        let Some(key) = key else {
+                            let body = http_body_util::Full::new(Bytes::from_static(
+                                b"0{\"sid\":\"abc\"}",
+                            ));
+                            return Ok::<_, std::convert::Infallible>(Response::new(body));
+                        };
+                        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                            key.as_bytes(),
+                        );
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = upgrade.await else { return };
+                            let mut ws = WebSocketStream::from_raw_socket(
+                                TokioIo::new(upgraded),
+                                Role::Server,
+                                None,
+                            )
+                            .await;
+                            while let Some(Ok(message)) = ws.next().await {
+                                if message.is_text() && ws.send(message).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                        let mut response = Response::new(http_body_util::Full::new(Bytes::new()));
+                        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        let h = response.headers_mut();
+                        h.insert("connection", http::HeaderValue::from_static("upgrade"));
+                        h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+                        h.insert(
+                            "sec-websocket-accept",
+                            http::HeaderValue::from_str(&accept).expect("accept"),
+                        );
+                        Ok(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
