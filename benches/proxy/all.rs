@@ -65,8 +65,8 @@ pub struct Opts {
     #[arg(long)]
     skip: Vec<String>,
     /// Run only these workloads (comma-separated ids: echo32, echo16k, text32, text16k,
-    /// text16k-mixed, h2echo32-streams, h2echo32-conns, h2echo16k-streams, echo256k, paced,
-    /// handshake, handshake-tls, idle, idle-tls). Default: all.
+    /// text16k-mixed, h2echo32-streams, h2echo32-conns, h2echo16k-streams, echo256k, http,
+    /// http-h2, paced, handshake, handshake-tls, idle, idle-tls). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// The wsgate binary (default: target/release/wsgate).
@@ -165,6 +165,11 @@ pub enum Kind {
         text: Option<&'static str>,
         h2: Option<usize>,
     },
+    /// Plain HTTP GETs of a small body, closed loop per connection (HTTP/1.1 keep-alive);
+    /// `h2`: over HTTP/2 (h2c), this many concurrent streams per connection.
+    Http {
+        h2: Option<usize>,
+    },
     Paced,
     Handshake {
         tls: bool,
@@ -256,6 +261,16 @@ fn workloads() -> Vec<Workload> {
                 text: None,
                 h2: None,
             },
+        },
+        Workload {
+            id: "http",
+            title: "plain HTTP GET, 64 keep-alive conns",
+            kind: Kind::Http { h2: None },
+        },
+        Workload {
+            id: "http-h2",
+            title: "plain HTTP GET over HTTP/2, 64 streams on 8 conns",
+            kind: Kind::Http { h2: Some(8) },
         },
         Workload {
             id: "paced",
@@ -866,7 +881,10 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                 // Each round starts one target later, so no target always follows the same one.
                 let slot = (k + round) % slots;
                 n += 1;
-                let h2 = matches!(w.kind, Kind::Echo { h2: Some(_), .. });
+                let h2 = matches!(
+                    w.kind,
+                    Kind::Echo { h2: Some(_), .. } | Kind::Http { h2: Some(_) }
+                );
                 let target = if slot < first_peer {
                     "direct"
                 } else {
@@ -1030,6 +1048,20 @@ impl LoadCtx<'_> {
                     "--duration".into(),
                     secs(p.duration),
                 ]);
+                p.warmup + p.duration
+            }
+            Kind::Http { h2 } => {
+                args.extend([
+                    "--mode".into(),
+                    "http".into(),
+                    "--conns".into(),
+                    ECHO_CONNS.to_string(),
+                    "--duration".into(),
+                    secs(p.duration),
+                ]);
+                if let Some(streams) = h2 {
+                    args.extend(["--h2".into(), streams.to_string()]);
+                }
                 p.warmup + p.duration
             }
             Kind::Paced => {

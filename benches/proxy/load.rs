@@ -114,6 +114,7 @@ const MAX_LATENCY_NS: u64 = 60_000_000_000;
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Echo,
+    Http,
     Paced,
     Handshake,
     Idle,
@@ -188,6 +189,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     let result = local.block_on(&rt, async {
         match opts.mode {
             Mode::Echo => echo(&opts, &target).await,
+            Mode::Http => http(&opts, &target).await,
             Mode::Paced => paced(&opts, &target).await,
             Mode::Handshake => handshake(&opts, &target).await,
             Mode::Idle => idle(&opts, &target).await,
@@ -213,13 +215,15 @@ struct Target {
 
 impl Target {
     fn new(opts: &Opts) -> anyhow::Result<Target> {
-        let (tls, rest) = if let Some(rest) = opts.url.strip_prefix("ws://") {
-            (false, rest)
-        } else if let Some(rest) = opts.url.strip_prefix("wss://") {
-            (true, rest)
-        } else {
-            bail!("--url must start with ws:// or wss://");
-        };
+        let url = opts.url.as_str();
+        let (tls, rest) =
+            if let Some(rest) = url.strip_prefix("ws://").or(url.strip_prefix("http://")) {
+                (false, rest)
+            } else if let Some(rest) = url.strip_prefix("wss://").or(url.strip_prefix("https://")) {
+                (true, rest)
+            } else {
+                bail!("--url must start with ws://, wss://, http:// or https://");
+            };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -250,8 +254,10 @@ impl Target {
         } else {
             None
         };
-        if opts.h2 == Some(0) || (opts.h2.is_some() && opts.mode != Mode::Echo) {
-            bail!("--h2 takes a number of streams per connection, in echo mode");
+        if opts.h2 == Some(0)
+            || (opts.h2.is_some() && !matches!(opts.mode, Mode::Echo | Mode::Http))
+        {
+            bail!("--h2 takes a number of streams per connection, in echo or http mode");
         }
         Ok(Target {
             addr,
@@ -302,16 +308,21 @@ impl Target {
         ))
     }
 
-    /// A new HTTP/2 connection, ready for extended CONNECT (the server's SETTINGS read).
-    async fn h2_handshake(&self) -> io::Result<H2Sender> {
+    /// A new connection, TLS when the URL says so, with no HTTP spoken yet.
+    async fn connect_plain_or_tls(&self) -> io::Result<Conn> {
         let tcp = TcpStream::connect(self.addr).await?;
         tcp.set_nodelay(true)?;
-        let io = match &self.tls {
+        Ok(match &self.tls {
             None => Conn::Plain(tcp),
             Some((connector, name)) => {
                 Conn::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
             }
-        };
+        })
+    }
+
+    /// A new HTTP/2 connection, ready for extended CONNECT (the server's SETTINGS read).
+    async fn h2_handshake(&self) -> io::Result<H2Sender> {
+        let io = self.connect_plain_or_tls().await?;
         let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await
@@ -575,6 +586,157 @@ async fn close(conn: &mut Conn, reader: &mut FrameReader) {
         io::Result::Ok(())
     })
     .await;
+}
+
+/// Plain HTTP: each connection (or HTTP/2 stream, with `--h2`) GETs the path again as soon
+/// as the answer is in; the upstream answers a small body.
+async fn http(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
+    let tally = Tally::new();
+    let mut h2_senders = Vec::new();
+    let mut h1_conns = Vec::new();
+    match target.h2 {
+        Some(per_conn) => {
+            for _ in 0..opts.conns.div_ceil(per_conn) {
+                h2_senders.push(target.h2_handshake().await?);
+            }
+        }
+        None => {
+            for _ in 0..opts.conns {
+                h1_conns.push(target.connect_plain_or_tls().await?);
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
+    let sampler = Sampler::start(opts.watch.clone(), t1, t2);
+    let request = Rc::new(format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        target.path, target.host
+    ));
+    let uri = Rc::new(format!("http://{}{}", target.host, target.path));
+    let target = Rc::new(Target {
+        addr: target.addr,
+        host: target.host.clone(),
+        path: target.path.clone(),
+        tls: target.tls.clone(),
+        h2: target.h2,
+        h2_conn: RefCell::new(None),
+    });
+    let per_conn = target.h2.unwrap_or(1);
+    let mut h1_conns = h1_conns.into_iter();
+    let mut tasks = Vec::new();
+    for i in 0..opts.conns {
+        let tally = tally.clone();
+        let mut h2 = h2_senders.get(i / per_conn).cloned();
+        let mut conn = h1_conns.next();
+        let (request, uri, target) = (request.clone(), uri.clone(), target.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut buf = Vec::with_capacity(4096);
+            loop {
+                let start = Instant::now();
+                if start >= t2 {
+                    break;
+                }
+                let done = match (&mut conn, &mut h2) {
+                    (Some(conn), _) => {
+                        timeout(STEP_TIMEOUT, get_h1(conn, &request, &mut buf, &target)).await
+                    }
+                    (None, Some(sender)) => timeout(STEP_TIMEOUT, get_h2(sender, &uri)).await,
+                    (None, None) => return,
+                };
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return tally.error(e),
+                    Err(_) => return tally.error("request timed out"),
+                }
+                let end = Instant::now();
+                if end >= t1 && end < t2 {
+                    tally.record(end - start);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(Value::Object(timed_json(opts, "http", &tally, sampler, 0)))
+}
+
+/// One HTTP/1.1 GET on a keep-alive connection; the answer must be 200 with the body.
+/// When the server ends the connection after this answer (`Connection: close`, as nginx
+/// does every `keepalive_requests`), a new one replaces it, as any HTTP client would.
+async fn get_h1(
+    conn: &mut Conn,
+    request: &str,
+    buf: &mut Vec<u8>,
+    target: &Target,
+) -> io::Result<()> {
+    get_h1_once(conn, request, buf).await?;
+    if buf.is_empty() && SERVER_CLOSES.with(|c| c.replace(false)) {
+        *conn = target.connect_plain_or_tls().await?;
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The last answer said `Connection: close`.
+    static SERVER_CLOSES: Cell<bool> = const { Cell::new(false) };
+}
+
+async fn get_h1_once(conn: &mut Conn, request: &str, buf: &mut Vec<u8>) -> io::Result<()> {
+    conn.write_all(request.as_bytes()).await?;
+    let end = ws::read_head(conn, buf).await?;
+    if !buf.starts_with(b"HTTP/1.1 200") {
+        let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+        return Err(io::Error::other(format!(
+            "answered {}",
+            String::from_utf8_lossy(line)
+        )));
+    }
+    let len: usize = ws::header(&buf[..end], "content-length")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("no Content-Length"))?;
+    let mut chunk = [0u8; 4096];
+    while buf.len() < end + len {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::other("closed inside a body"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    if buf[end..end + len] != *ws::PLAIN_BODY {
+        return Err(io::Error::other("wrong body"));
+    }
+    let closes =
+        ws::header(&buf[..end], "connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+    SERVER_CLOSES.with(|c| c.set(closes));
+    buf.drain(..end + len);
+    Ok(())
+}
+
+/// One GET on a new HTTP/2 stream.
+async fn get_h2(sender: &mut H2Sender, uri: &str) -> io::Result<()> {
+    use http_body_util::BodyExt as _;
+    let req = http::Request::get(uri)
+        .version(http::Version::HTTP_2)
+        .body(Empty::<Bytes>::new())
+        .map_err(io::Error::other)?;
+    sender.ready().await.map_err(io::Error::other)?;
+    let response = sender.send_request(req).await.map_err(io::Error::other)?;
+    if response.status() != http::StatusCode::OK {
+        return Err(io::Error::other(format!("answered {}", response.status())));
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(io::Error::other)?
+        .to_bytes();
+    if body.as_ref() != ws::PLAIN_BODY {
+        return Err(io::Error::other("wrong body"));
+    }
+    Ok(())
 }
 
 async fn echo(opts: &Opts, target: &Target) -> anyhow::Result<Value> {

@@ -124,6 +124,37 @@ const ECHO_METRICS: &[Metric] = &[
     ),
 ];
 
+const HTTP_METRICS: &[Metric] = &[
+    m(
+        "requests/s",
+        &["ops_per_s"],
+        Unit::PerSecond,
+        Better::Higher,
+        true,
+    ),
+    m(
+        "p99 request",
+        &["latency_us", "p99"],
+        Unit::Micros,
+        Better::Lower,
+        true,
+    ),
+    m(
+        "proxy CPU per request",
+        &["watched", "cpu_us_per_op"],
+        Unit::CpuMicros,
+        Better::Lower,
+        false,
+    ),
+    m(
+        "… of which user space",
+        &["watched", "user_us_per_op"],
+        Unit::CpuMicros,
+        Better::Lower,
+        false,
+    ),
+];
+
 const PACED_METRICS: &[Metric] = &[
     m(
         "p50 round trip",
@@ -190,6 +221,7 @@ const IDLE_METRICS: &[Metric] = &[m(
 fn metrics(kind: Kind) -> &'static [Metric] {
     match kind {
         Kind::Echo { .. } => ECHO_METRICS,
+        Kind::Http { .. } => HTTP_METRICS,
         Kind::Paced => PACED_METRICS,
         Kind::Handshake { .. } => HANDSHAKE_METRICS,
         Kind::Idle { .. } => IDLE_METRICS,
@@ -476,6 +508,22 @@ fn checks(run: &RunResults) -> Vec<Check> {
             );
         }
     }
+    add(
+        find("http"),
+        "plain HTTP GET (HTTP/1.1): requests/s ≥ nginx".into(),
+        "requests/s",
+        "nginx",
+        1.0,
+        None,
+    );
+    add(
+        find("http"),
+        "plain HTTP GET (HTTP/1.1): CPU per request ≤ 0.9× nginx".into(),
+        "proxy CPU per request",
+        "nginx",
+        0.9,
+        None,
+    );
     add(
         find("paced"),
         "paced 10k msgs/s: p99 ≤ HAProxy".into(),

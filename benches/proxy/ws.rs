@@ -178,6 +178,17 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> io
     }
 }
 
+/// [`read_head`] within `limit`: a client silent in a head is dropped.
+async fn head_within<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    limit: std::time::Duration,
+) -> io::Result<usize> {
+    tokio::time::timeout(limit, read_head(s, buf))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "slow head"))?
+}
+
 fn find_blank_line(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
@@ -226,17 +237,32 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(buf.split_off(end))
 }
 
+/// The plain HTTP answer of the echo upstream: a small page, as a static file would be.
+pub const PLAIN_BODY: &[u8] = b"hello from the benchmark upstream\n";
+
 /// Server side of the upgrade: reads the request, answers 101. Returns early frame bytes.
-pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Vec<u8>> {
+/// A request that is not an upgrade gets [`PLAIN_BODY`] instead, and the connection serves
+/// such requests (keep-alive) until the client closes it; the answer is then an error.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    head_timeout: std::time::Duration,
+) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
-    let end = read_head(s, &mut buf).await?;
+    let mut end = head_within(s, &mut buf, head_timeout).await?;
+    while header(&buf[..end], "sec-websocket-key").is_none() {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            PLAIN_BODY.len()
+        );
+        let mut out = answer.into_bytes();
+        out.extend_from_slice(PLAIN_BODY);
+        s.write_all(&out).await?;
+        // Requests carry no body here: the next head follows at once.
+        buf.drain(..end);
+        end = head_within(s, &mut buf, head_timeout).await?;
+    }
     let Some(key) = header(&buf[..end], "sec-websocket-key") else {
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .await?;
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a WebSocket upgrade",
-        ));
+        return Err(io::Error::other("not a WebSocket upgrade"));
     };
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
