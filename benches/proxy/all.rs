@@ -572,6 +572,9 @@ struct Peer {
     name: &'static str,
     plain_port: u16,
     tls_port: u16,
+    /// Where it serves HTTP/2 with prior knowledge (h2c) and WebSockets over it (RFC 8441),
+    /// if it can.
+    h2c_port: Option<u16>,
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -715,6 +718,8 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             name: "wsgate",
             plain_port,
             tls_port,
+            // The plain listener has `http2 = true`: the preface decides.
+            h2c_port: Some(plain_port),
             version: first_line(&bin, &["--version"]),
             args: vec!["--config".into(), config.display().to_string()],
             program: bin,
@@ -752,6 +757,8 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             name: "nginx",
             plain_port,
             tls_port,
+            // nginx cannot forward WebSockets over HTTP/2 (no RFC 8441).
+            h2c_port: None,
             version: first_line(&bin, &["-v"]),
             args: vec![
                 "-g".into(),
@@ -779,7 +786,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     if skip("haproxy") {
         skipped.push(("haproxy".into(), "--skip haproxy".into()));
     } else if let Some(bin) = find_binary("haproxy") {
-        let (plain_port, tls_port) = (free_port()?, free_port()?);
+        let (plain_port, tls_port, h2c_port) = (free_port()?, free_port()?, free_port()?);
         let config = out.join("haproxy.cfg");
         fs::write(
             &config,
@@ -788,6 +795,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                 &[
                     ("PLAIN_PORT", plain_port.to_string()),
                     ("TLS_PORT", tls_port.to_string()),
+                    ("H2C_PORT", h2c_port.to_string()),
                     ("UPSTREAM_PORT", up_port.to_string()),
                     ("PEM", certs.combined.display().to_string()),
                 ],
@@ -797,6 +805,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             name: "haproxy",
             plain_port,
             tls_port,
+            h2c_port: Some(h2c_port),
             version: first_line(&bin, &["-v"]),
             args: vec!["-db".into(), "-f".into(), config.display().to_string()],
             program: bin,
@@ -890,10 +899,12 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                 } else {
                     peers[slot - first_peer].name
                 };
-                if h2 && target != "wsgate" {
-                    // Only wsgate's plain listener serves h2c here: the echo upstream speaks
-                    // HTTP/1.1 only, nginx cannot carry WebSockets over HTTP/2, and HAProxy's
-                    // h2 needs a listener of its own (`proto h2`) the harness does not set up.
+                let h2c_port = (slot >= first_peer)
+                    .then(|| peers[slot - first_peer].h2c_port)
+                    .flatten();
+                if h2 && h2c_port.is_none() {
+                    // The echo upstream speaks HTTP/1.1 only; nginx cannot carry WebSockets
+                    // over HTTP/2.
                     runs[slot]
                         .push(json!({"error": format!("n/a: {target} is not driven over HTTP/2")}));
                     continue;
@@ -917,10 +928,10 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                         w.kind,
                         Kind::Handshake { tls: true } | Kind::Idle { tls: true }
                     );
-                    let url = if tls {
-                        format!("wss://localhost:{}/", peer.tls_port)
-                    } else {
-                        format!("ws://127.0.0.1:{}/", peer.plain_port)
+                    let url = match (tls, h2c_port) {
+                        (true, _) => format!("wss://localhost:{}/", peer.tls_port),
+                        (false, Some(port)) if h2 => format!("ws://127.0.0.1:{port}/"),
+                        _ => format!("ws://127.0.0.1:{}/", peer.plain_port),
                     };
                     ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name)
                 };
