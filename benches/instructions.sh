@@ -84,7 +84,8 @@ printf '| workload | instructions per operation |\n| --- | --- |\n'
 for spec in "handshake 32 16 handshakes" "echo 32 64 32-B-echo-round-trips" \
     "echo 16384 64 16-KiB-echo-round-trips" "echo 32 64 32-B-JSON-text-echo-round-trips --text=json" \
     "echo 16384 64 16-KiB-JSON-text-echo-round-trips --text=json" \
-    "echo 16384 64 16-KiB-mixed-text-echo-round-trips --text=mixed"; do
+    "echo 16384 64 16-KiB-mixed-text-echo-round-trips --text=mixed" \
+    "http 32 64 plain-HTTP-GETs"; do
     set -- $spec
     read -r i1 o1 < <(measure "$1" "$2" "$3" 2s "${5:-}")
     read -r i2 o2 < <(measure "$1" "$2" "$3" 6s "${5:-}")

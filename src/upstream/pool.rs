@@ -28,11 +28,18 @@ impl Server {
     pub fn take_idle(&self) -> Option<HttpSender> {
         let mut conns = self.idle.conns.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        // Oldest first in the Vec; expired ones are all at the front.
-        conns.retain(|(sender, since)| {
-            !sender.is_closed() && now.saturating_duration_since(*since) < IDLE_TIMEOUT
-        });
-        conns.pop().map(|(sender, _)| sender)
+        // Oldest first in the Vec, so the expired ones are a prefix: found by bisection,
+        // not by visiting every idle connection on every request.
+        let expired = conns
+            .partition_point(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT);
+        conns.drain(..expired);
+        // The newest that is still open; closed ones met on the way are dropped.
+        while let Some((sender, _)) = conns.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
     }
 
     fn put_idle(&self, sender: HttpSender) {
