@@ -38,6 +38,14 @@ use rewind::Rewind;
 /// the one that trips.
 const HYPER_BUFFER_SLACK: usize = 16 * 1024;
 
+/// HTTP/2 receive window of one stream: what a client may send on it before wsgate has
+/// relayed it on (a stalled WebSocket holds at most this much in wsgate).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// HTTP/2 receive window of a whole connection: a multiple of the stream window, so stalled
+/// streams cannot block the others (with equal windows one stalled stream blocks them all).
+const H2_CONNECTION_WINDOW: u32 = 8 * H2_STREAM_WINDOW;
+
 /// First pause of the accept loop when the process is out of file descriptors; doubles up to
 /// `ACCEPT_BACKOFF_MAX`, so an exhausted process neither spins nor stalls for long once fds free up.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -270,6 +278,11 @@ async fn serve_h2<S>(
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_concurrent_streams(max_streams)
+        // A stream whose reader stalls holds at most its own window in wsgate; the
+        // connection's window is eight of those, so one stalled stream (or seven) cannot
+        // use up what the connection's other streams need.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         // The whole decoded header list of a request, as `max_request_head` bounds an
         // HTTP/1.1 head.
         .max_header_list_size(u32::try_from(limits.max_request_head).unwrap_or(u32::MAX));
