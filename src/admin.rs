@@ -121,9 +121,28 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             }
         }),
         "/connections" => only(method, &Method::GET, || {
+            let query = match ListQuery::parse(req.uri().query().unwrap_or("")) {
+                Ok(query) => query,
+                Err(problem) => return text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
+            };
             let records = shared.connections.snapshot();
-            let list: Vec<ConnectionView> = records.iter().map(|r| ConnectionView::of(r)).collect();
-            json(StatusCode::OK, &list)
+            let mut list: Vec<ConnectionView> = records
+                .iter()
+                .map(|r| ConnectionView::of(r))
+                .filter(|c| query.keeps(c))
+                .collect();
+            let total = list.len();
+            query.sort(&mut list);
+            let page: Vec<ConnectionView> = list
+                .into_iter()
+                .skip(query.offset)
+                .take(query.limit)
+                .collect();
+            let mut response = json(StatusCode::OK, &page);
+            response
+                .headers_mut()
+                .insert("x-total-count", HeaderValue::from(total));
+            response
         }),
         // POST is answered before routing; any other method lands here.
         "/reload" => only(method, &Method::POST, || {
@@ -244,6 +263,203 @@ impl<'a> ConnectionView<'a> {
             frames_client_to_upstream: r.client_to_upstream.frames.load(Ordering::Relaxed),
             frames_upstream_to_client: r.upstream_to_client.frames.load(Ordering::Relaxed),
             ping_rtt_ms: r.ping_rtt_ms(),
+        }
+    }
+}
+
+/// `GET /connections?route=&client=&sort=&limit=&offset=`: which connections, in which
+/// order, which page of them.
+#[derive(Debug, PartialEq)]
+struct ListQuery {
+    /// Only this route's connections.
+    route: Option<String>,
+    /// Only clients whose address (`IP:port`) starts with this.
+    client: Option<String>,
+    sort: SortKey,
+    descending: bool,
+    limit: usize,
+    offset: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SortKey {
+    Id,
+    Age,
+    Idle,
+    Bytes,
+    Frames,
+    PingRtt,
+    Route,
+    Client,
+}
+
+impl SortKey {
+    const NAMES: &'static str = "id, age, idle, bytes, frames, ping_rtt, route, client";
+
+    fn parse(name: &str) -> Option<SortKey> {
+        Some(match name {
+            "id" => SortKey::Id,
+            "age" => SortKey::Age,
+            "idle" => SortKey::Idle,
+            "bytes" => SortKey::Bytes,
+            "frames" => SortKey::Frames,
+            "ping_rtt" => SortKey::PingRtt,
+            "route" => SortKey::Route,
+            "client" => SortKey::Client,
+            _ => return None,
+        })
+    }
+}
+
+impl ListQuery {
+    /// Reads the query string; a problem is a one-line answer for a 400.
+    fn parse(query: &str) -> Result<ListQuery, String> {
+        let mut out = ListQuery {
+            route: None,
+            client: None,
+            sort: SortKey::Id,
+            descending: false,
+            limit: usize::MAX,
+            offset: 0,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value)
+                .ok_or_else(|| format!("invalid percent-encoding in {name}"))?;
+            let number = |v: &str| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("invalid {name} {v:?}: expected a whole number"))
+            };
+            match name {
+                "route" => out.route = Some(value),
+                "client" => out.client = Some(value),
+                "sort" => {
+                    let (descending, key) = match value.strip_prefix('-') {
+                        Some(key) => (true, key),
+                        None => (false, value.as_str()),
+                    };
+                    out.sort = SortKey::parse(key).ok_or_else(|| {
+                        format!(
+                            "invalid sort {value:?}: expected one of {} (- for descending)",
+                            SortKey::NAMES
+                        )
+                    })?;
+                    out.descending = descending;
+                }
+                "limit" => out.limit = number(&value)?,
+                "offset" => out.offset = number(&value)?,
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {name:?}: expected route, client, sort, limit or offset"
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn keeps(&self, c: &ConnectionView) -> bool {
+        self.route.as_deref().map_or(true, |r| r == c.route)
+            && self
+                .client
+                .as_deref()
+                .map_or(true, |prefix| c.client.starts_with(prefix))
+    }
+
+    fn sort(&self, list: &mut [ConnectionView]) {
+        let key = self.sort;
+        list.sort_by(|a, b| {
+            let order = match key {
+                SortKey::Id => a.id.cmp(&b.id),
+                SortKey::Age => a.age_seconds.total_cmp(&b.age_seconds),
+                SortKey::Idle => a.idle_seconds.total_cmp(&b.idle_seconds),
+                SortKey::Bytes => a.bytes().cmp(&b.bytes()),
+                SortKey::Frames => a.frames().cmp(&b.frames()),
+                // Connections without a measured round trip sort first.
+                SortKey::PingRtt => a
+                    .ping_rtt_ms
+                    .unwrap_or(-1.0)
+                    .total_cmp(&b.ping_rtt_ms.unwrap_or(-1.0)),
+                SortKey::Route => a.route.cmp(b.route),
+                SortKey::Client => a.client.cmp(&b.client),
+            }
+            .then(a.id.cmp(&b.id));
+            if self.descending {
+                order.reverse()
+            } else {
+                order
+            }
+        });
+    }
+}
+
+impl ConnectionView<'_> {
+    fn bytes(&self) -> u64 {
+        self.bytes_client_to_upstream + self.bytes_upstream_to_client
+    }
+
+    fn frames(&self) -> u64 {
+        self.frames_client_to_upstream + self.frames_upstream_to_client
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as a space); `None` for a broken escape or non-UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let text = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(text, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_queries_parse_and_refuse_with_a_reason() {
+        let q = ListQuery::parse("route=chat&client=10.0.0.%3A&sort=-bytes&limit=20&offset=40")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(q.route.as_deref(), Some("chat"));
+        assert_eq!(q.client.as_deref(), Some("10.0.0.:"));
+        assert_eq!((q.sort, q.descending), (SortKey::Bytes, true));
+        assert_eq!((q.limit, q.offset), (20, 40));
+        assert_eq!(
+            ListQuery::parse(""),
+            Ok(ListQuery {
+                route: None,
+                client: None,
+                sort: SortKey::Id,
+                descending: false,
+                limit: usize::MAX,
+                offset: 0,
+            })
+        );
+        for (query, problem) in [
+            ("sort=size", "invalid sort \"size\": expected one of id, age, idle, bytes, frames, ping_rtt, route, client (- for descending)"),
+            ("limit=ten", "invalid limit \"ten\": expected a whole number"),
+            ("offset=-1", "invalid offset \"-1\": expected a whole number"),
+            ("page=2", "unknown parameter \"page\": expected route, client, sort, limit or offset"),
+            ("route=%zz", "invalid percent-encoding in route"),
+        ] {
+            assert_eq!(ListQuery::parse(query), Err(problem.to_string()), "{query}");
         }
     }
 }
