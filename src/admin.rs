@@ -53,6 +53,9 @@ pub async fn serve(
                 let shared = shared.clone();
                 let reload = reload.clone();
                 async move {
+                    if let Some(refusal) = cross_site_refusal(&req) {
+                        return Ok::<_, Infallible>(refusal);
+                    }
                     if req.uri().path() == "/reload" && req.method() == Method::POST {
                         return Ok::<_, Infallible>(reload_now(reload).await);
                     }
@@ -75,6 +78,42 @@ pub async fn serve(
                 debug!(client = %peer, error = %e, "admin connection error");
             }
         });
+    }
+}
+
+/// Mutations (anything but GET and HEAD) from another site are refused with 403, so a web
+/// page in an operator's browser cannot close connections or reload through an admin
+/// listener it can reach: `Sec-Fetch-Site: cross-site`, or an `Origin` that is not this
+/// listener's own (`http://` and the request's `Host`). A request with neither (curl, a
+/// script) passes.
+fn cross_site_refusal<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return None;
+    }
+    let headers = req.headers();
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "cross-site request refused: Sec-Fetch-Site is cross-site\n",
+        ));
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let own = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|host| format!("http://{host}"));
+    match (origin.to_str(), own) {
+        (Ok(origin), Some(own)) if origin.eq_ignore_ascii_case(&own) => None,
+        (origin, _) => Some(text(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "cross-site request refused: Origin {} is not this admin listener\n",
+                origin.unwrap_or("(not text)")
+            ),
+        )),
     }
 }
 

@@ -1615,3 +1615,74 @@ async fn the_connection_list_filters_sorts_and_pages() {
     );
     drop(held);
 }
+
+/// A web page in the operator's browser must not be able to close connections or reload
+/// through an admin listener it can reach: mutations from another site get 403 and change
+/// nothing; the admin's own origin, and tools that send no Origin, pass.
+#[tokio::test]
+async fn cross_site_mutations_are_refused() {
+    let dir = TestDir::new();
+    let (proxy, mut upstream) = chat_gate(&dir).await;
+    let admin = proxy.admin();
+    let _client = connect(proxy.addr("public"), "/chat").await;
+    let _up = upstream.accept().await;
+    let id = connections(admin).await[0]["id"].as_u64().expect("an id");
+    let delete = format!("/connections/{id}");
+    let host = admin.to_string();
+    let own = format!("http://{host}");
+    for (headers, refused) in [
+        (
+            vec![("Origin", "https://evil.example")],
+            "Origin https://evil.example is not this admin listener",
+        ),
+        (
+            vec![("Origin", "null")],
+            "Origin null is not this admin listener",
+        ),
+        (
+            vec![("Sec-Fetch-Site", "cross-site")],
+            "Sec-Fetch-Site is cross-site",
+        ),
+    ] {
+        for (method, path) in [("DELETE", delete.as_str()), ("POST", "/reload")] {
+            let mut h = vec![("Host", host.as_str()), ("Content-Length", "0")];
+            h.extend(headers.iter().copied());
+            let r = raw_exchange(admin, &http_request(method, path, &h)).await;
+            assert_eq!(
+                r.status,
+                403,
+                "{method} {path} with {headers:?}: {}",
+                r.body_text()
+            );
+            support::assert_one_line(&r.body_text());
+            assert!(r.body_text().contains(refused), "{}", r.body_text());
+        }
+    }
+    // Still open: nothing was closed.
+    assert_eq!(connections(admin).await.len(), 1);
+    // Reading stays open to pages (a dashboard), and the admin's own origin may mutate.
+    let r = raw_exchange(
+        admin,
+        &http_request(
+            "GET",
+            "/connections",
+            &[("Host", "admin"), ("Origin", "https://evil.example")],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = raw_exchange(
+        admin,
+        &http_request(
+            "DELETE",
+            &delete,
+            &[
+                ("Host", host.as_str()),
+                ("Origin", own.as_str()),
+                ("Content-Length", "0"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+}
