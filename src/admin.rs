@@ -350,17 +350,24 @@ impl SortKey {
     }
 }
 
-impl ListQuery {
-    /// Reads the query string; a problem is a one-line answer for a 400.
-    fn parse(query: &str) -> Result<ListQuery, String> {
-        let mut out = ListQuery {
+impl Default for ListQuery {
+    /// Every connection, oldest first.
+    fn default() -> Self {
+        ListQuery {
             route: None,
             client: None,
             sort: SortKey::Id,
             descending: false,
             limit: usize::MAX,
             offset: 0,
-        };
+        }
+    }
+}
+
+impl ListQuery {
+    /// Reads the query string; a problem is a one-line answer for a 400.
+    fn parse(query: &str) -> Result<ListQuery, String> {
+        let mut out = ListQuery::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = percent_decode(value)
@@ -480,16 +487,17 @@ mod tests {
         assert_eq!(q.client.as_deref(), Some("10.0.0.:"));
         assert_eq!((q.sort, q.descending), (SortKey::Bytes, true));
         assert_eq!((q.limit, q.offset), (20, 40));
+        let all = ListQuery::parse("").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            ListQuery::parse(""),
-            Ok(ListQuery {
-                route: None,
-                client: None,
-                sort: SortKey::Id,
-                descending: false,
-                limit: usize::MAX,
-                offset: 0,
-            })
+            (
+                all.route,
+                all.client,
+                all.sort,
+                all.descending,
+                all.limit,
+                all.offset
+            ),
+            (None, None, SortKey::Id, false, usize::MAX, 0)
         );
         for (query, problem) in [
             ("sort=size", "invalid sort \"size\": expected one of id, age, idle, bytes, frames, ping_rtt, route, client (- for descending)"),

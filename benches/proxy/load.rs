@@ -671,19 +671,14 @@ async fn get_h1(
     buf: &mut Vec<u8>,
     target: &Target,
 ) -> io::Result<()> {
-    get_h1_once(conn, request, buf).await?;
-    if buf.is_empty() && SERVER_CLOSES.with(|c| c.replace(false)) {
+    if get_h1_once(conn, request, buf).await? {
         *conn = target.connect_plain_or_tls().await?;
     }
     Ok(())
 }
 
-thread_local! {
-    /// The last answer said `Connection: close`.
-    static SERVER_CLOSES: Cell<bool> = const { Cell::new(false) };
-}
-
-async fn get_h1_once(conn: &mut Conn, request: &str, buf: &mut Vec<u8>) -> io::Result<()> {
+/// One GET and its answer; true when the answer said `Connection: close`.
+async fn get_h1_once(conn: &mut Conn, request: &str, buf: &mut Vec<u8>) -> io::Result<bool> {
     conn.write_all(request.as_bytes()).await?;
     let end = ws::read_head(conn, buf).await?;
     if !buf.starts_with(b"HTTP/1.1 200") {
@@ -710,9 +705,8 @@ async fn get_h1_once(conn: &mut Conn, request: &str, buf: &mut Vec<u8>) -> io::R
     }
     let closes =
         ws::header(&buf[..end], "connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-    SERVER_CLOSES.with(|c| c.set(closes));
     buf.drain(..end + len);
-    Ok(())
+    Ok(closes)
 }
 
 /// One GET on a new HTTP/2 stream.

@@ -1429,17 +1429,13 @@ where
     #[cold]
     fn handle_ends(&mut self, now: Instant) {
         // Close frames from the peers: forwarded as they are; the other side answers.
-        for (half, initiator) in [
-            (&self.c2u, Initiator::Client),
-            (&self.u2c, Initiator::Upstream),
+        for (source, initiator) in [
+            (self.c2u.source, Initiator::Client),
+            (self.u2c.source, Initiator::Upstream),
         ] {
-            if let Source::Closed(code) = half.source {
-                if self.first_close.is_none() {
-                    self.first_close = Some((initiator, Some(code), ""));
-                }
-                if self.deadline.is_none() {
-                    self.deadline = Some(now + self.settings.timeouts.close);
-                }
+            if let Source::Closed(code) = source {
+                self.first_close.get_or_insert((initiator, Some(code), ""));
+                self.start_deadline(now);
             }
         }
         if let Source::Violated(v) = self.c2u.source {
@@ -1539,26 +1535,19 @@ where
             Some(tcp) if self.u2c.held_up() => peer::peer_state(tcp),
             _ => PeerState::Open,
         };
-        for (state, half, initiator, reason) in [
-            (client, &mut self.c2u, Initiator::Client, "client gone"),
-            (
-                upstream,
-                &mut self.u2c,
-                Initiator::Upstream,
-                "upstream gone",
-            ),
+        if client == PeerState::Reset {
+            self.c2u.end_of_input(true);
+        }
+        if upstream == PeerState::Reset {
+            self.u2c.end_of_input(true);
+        }
+        for (state, initiator, reason) in [
+            (client, Initiator::Client, "client gone"),
+            (upstream, Initiator::Upstream, "upstream gone"),
         ] {
-            match state {
-                PeerState::Open => {}
-                PeerState::Reset => half.end_of_input(true),
-                PeerState::Closed => {
-                    if self.first_close.is_none() {
-                        self.first_close = Some((initiator, None, reason));
-                    }
-                    if self.deadline.is_none() {
-                        self.deadline = Some(now + self.settings.timeouts.close);
-                    }
-                }
+            if state == PeerState::Closed {
+                self.first_close.get_or_insert((initiator, None, reason));
+                self.start_deadline(now);
             }
         }
         // A reset is acted on like any other end of input.
