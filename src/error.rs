@@ -56,6 +56,9 @@ pub enum Broken {
     Head(#[from] crate::proxy::upgrade::HeadError),
     #[error("answered 101 with a wrong Sec-WebSocket-Accept")]
     WrongAccept,
+    /// RFC 6455 §4.1: the client must fail such a connection; a 502 says why.
+    #[error("chose subprotocol {0:?}, which the client did not offer")]
+    UnofferedProtocol(String),
     /// A 2xx other than 101 to an upgrade: relayed over HTTP/2 it would tell the client
     /// its WebSocket is open.
     #[error("answered {0} to a WebSocket upgrade instead of 101")]
@@ -117,6 +120,9 @@ pub enum ProxyError {
         #[source]
         source: Broken,
     },
+    /// `[routes.X.auth]` refused the request (or could not decide).
+    #[error("{}", .0.reason)]
+    Auth(Box<crate::auth::Refusal>),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -144,6 +150,7 @@ impl ProxyError {
             }
             ProxyError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Auth(refusal) => refusal.status,
         }
     }
 
@@ -164,6 +171,9 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamBroken { .. } => Blame::Upstream,
             ProxyError::Internal(_) => Blame::Internal,
+            // The auth service or key server failing is a backend's fault, not the client's.
+            ProxyError::Auth(refusal) if refusal.status.is_server_error() => Blame::Upstream,
+            ProxyError::Auth(_) => Blame::Client,
         }
     }
 
@@ -188,6 +198,18 @@ impl ProxyError {
 
     /// The answer the client gets: the status and a one-line text body saying why.
     pub fn into_response(self) -> Response<ProxyBody> {
+        if let ProxyError::Auth(refusal) = self {
+            let crate::auth::Refusal {
+                status,
+                headers,
+                body,
+                ..
+            } = *refusal;
+            let mut response = Response::new(ProxyBody::text(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            return response;
+        }
         let status = self.status();
         let mut response = Response::new(ProxyBody::text(format!("{self}\n")));
         *response.status_mut() = status;

@@ -11,6 +11,8 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::auth::jwks::JwksCache;
+use crate::auth::RouteAuth;
 use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
 use crate::error::HeadRefusal;
 use crate::limits::Admission;
@@ -28,6 +30,8 @@ pub struct Route {
     /// `None` for builtin routes.
     pub upstream: Option<Arc<Upstream>>,
     pub metrics: Arc<RouteMetrics>,
+    /// `[routes.X.auth]`, ready to check requests.
+    pub auth: Option<RouteAuth>,
 }
 
 /// One configuration generation.
@@ -45,7 +49,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Self {
+    /// `jwks` keeps URL key sets across generations (see [`JwksCache`]).
+    pub fn new(config: &Config, metrics: &Arc<Metrics>, jwks: &JwksCache) -> Self {
         let upstreams: HashMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -61,6 +66,7 @@ impl Gateway {
                 config: r.clone(),
                 upstream,
                 metrics: Arc::new(metrics.route(&r.name)),
+                auth: r.auth.as_ref().map(|a| RouteAuth::new(a, jwks, metrics)),
             };
             (r.host.clone(), r.path.clone(), Arc::new(route))
         });
@@ -99,13 +105,17 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// Connections waiting for a request head (`[limits] max_pending_heads`).
     pub pending_heads: Arc<PendingHeads>,
+    /// Key sets fetched from URLs; they outlive reloads that keep the URL.
+    pub jwks: JwksCache,
 }
 
 impl Shared {
     pub fn new(config: &Config) -> Self {
         let metrics = Arc::new(Metrics::new());
+        let jwks = JwksCache::default();
         Shared {
-            gateway: ArcSwap::from_pointee(Gateway::new(config, &metrics)),
+            gateway: ArcSwap::from_pointee(Gateway::new(config, &metrics, &jwks)),
+            jwks,
             metrics,
             next_id: AtomicU64::new(1),
             tunnels: TaskTracker::new(),

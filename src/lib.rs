@@ -19,6 +19,7 @@
 //! - [`logging`]: tracing setup (text or JSON on stderr).
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -54,6 +54,8 @@ pub struct Metrics {
     http_connections_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
     rejected_total: IntCounterVec,
+    auth_total: IntCounterVec,
+    jwks_fetches_total: IntCounterVec,
 }
 
 /// The outcome label of `wsgate_connections_total`.
@@ -250,6 +252,16 @@ impl Metrics {
                 "Requests refused by wsgate itself, by reason.",
                 &["reason"],
             ),
+            auth_total: counter(
+                "auth_total",
+                "Authentication checks on routes with [routes.X.auth], by result: ok, missing, invalid, expired, denied (by forward auth), error (keys or auth service unavailable).",
+                &["route", "result"],
+            ),
+            jwks_fetches_total: counter(
+                "jwks_fetches_total",
+                "Fetches of a JWKS URL, by result (success, error); a failed fetch keeps the last good key set.",
+                &["source", "result"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.connections_active.clone()),
@@ -273,6 +285,8 @@ impl Metrics {
             Box::new(m.http_connections_total.clone()),
             Box::new(m.config_reloads_total.clone()),
             Box::new(m.rejected_total.clone()),
+            Box::new(m.auth_total.clone()),
+            Box::new(m.jwks_fetches_total.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -325,7 +339,16 @@ impl Metrics {
             connections_total: self.connections_total.clone(),
             closes_total: self.closes_total.clone(),
             http_requests_total: self.http_requests_total.clone(),
+            auth_total: self.auth_total.clone(),
         }
+    }
+
+    /// One fetch of the JWKS at `source` (its URL).
+    pub fn jwks_fetch(&self, source: &str, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.jwks_fetches_total
+            .with_label_values(&[source, result])
+            .inc();
     }
 
     pub fn rejected(&self, reason: RejectReason) {
@@ -389,6 +412,36 @@ pub struct RouteMetrics {
     connections_total: IntCounterVec,
     closes_total: IntCounterVec,
     http_requests_total: IntCounterVec,
+    /// Series appear once a route with `auth` checks its first request.
+    auth_total: IntCounterVec,
+}
+
+/// The result label of `wsgate_auth_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    Ok,
+    /// No token where `from` says to look.
+    Missing,
+    /// Malformed, badly signed, wrong issuer or audience, not yet valid, unknown key.
+    Invalid,
+    Expired,
+    /// Refused by the forward-auth service (its 401 or 403 relayed).
+    Denied,
+    /// Keys or the auth service unavailable: wsgate could not decide.
+    Error,
+}
+
+impl AuthResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthResult::Ok => "ok",
+            AuthResult::Missing => "missing",
+            AuthResult::Invalid => "invalid",
+            AuthResult::Expired => "expired",
+            AuthResult::Denied => "denied",
+            AuthResult::Error => "error",
+        }
+    }
 }
 
 pub fn direction_index(d: Direction) -> usize {
@@ -408,6 +461,12 @@ impl RouteMetrics {
     pub fn closed(&self, initiator: Initiator, code: Option<u16>) {
         self.closes_total
             .with_label_values(&[&self.route, initiator.label(), &close_code_label(code)])
+            .inc();
+    }
+
+    pub fn auth(&self, result: AuthResult) {
+        self.auth_total
+            .with_label_values(&[&self.route, result.label()])
             .inc();
     }
 

@@ -135,7 +135,7 @@ impl Reloader {
         for (store, server_config) in new_tls {
             store.store(server_config);
         }
-        let gateway = Gateway::new(&config, &self.shared.metrics);
+        let gateway = Gateway::new(&config, &self.shared.metrics, &self.shared.jwks);
         self.shared.gateway.store(Arc::new(gateway));
         Ok(notes)
     }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 pub use units::{parse_duration, parse_rate, parse_size};
+pub use validate::token_source;
 
 /// A fully validated configuration. No field is left half-filled: defaults are applied,
 /// per-route timeouts are merged over the global ones, certificate files are loaded.
@@ -229,6 +230,84 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// The global timeouts with this route's `[routes.X.timeouts]` laid over them.
     pub timeouts: Timeouts,
+    /// `[routes.X.auth]`; shared because the key material is large and never changes.
+    pub auth: Option<std::sync::Arc<AuthConfig>>,
+}
+
+/// `[routes.X.auth]`, checked: at least one of `jwt` and `forward`.
+#[derive(Debug)]
+pub struct AuthConfig {
+    pub jwt: Option<JwtConfig>,
+    pub forward: Option<ForwardConfig>,
+    /// (claim, lower-cased header name), in the order written.
+    pub claims_to_headers: Vec<(String, String)>,
+    /// Close a WebSocket at its token's `exp` + leeway (only with `jwt`).
+    pub close_on_expiry: bool,
+}
+
+/// `jwt = { ... }`.
+#[derive(Debug)]
+pub struct JwtConfig {
+    pub jwks: Option<JwksSource>,
+    pub jwks_refresh: Duration,
+    /// Trust anchors for an https `jwks` (none: the system's).
+    pub jwks_ca: Vec<CertificateDer<'static>>,
+    /// The HMAC secret from `secret_file`.
+    pub secret: Option<Secret>,
+    /// Accepted `iss` values; empty: not checked.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; empty: not checked.
+    pub audiences: Vec<String>,
+    /// `None`: each key's own (declared, or implied by its type).
+    pub algorithms: Option<Vec<jsonwebtoken::Algorithm>>,
+    pub leeway: Duration,
+    /// Where the token may be, first found wins.
+    pub from: Vec<TokenSource>,
+}
+
+/// Where a JWKS comes from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    /// Read (and parsed) when the configuration is loaded.
+    File {
+        path: PathBuf,
+        keys: std::sync::Arc<Vec<jsonwebtoken::jwk::Jwk>>,
+    },
+    /// Fetched, then refreshed every `jwks_refresh` and on an unknown `kid`.
+    Url(http::Uri),
+}
+
+/// Key material that must never be printed.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// One place a token may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A request header (lower-cased); `Authorization` takes the Bearer scheme.
+    Header(String),
+    /// A query parameter, removed from the URI forwarded upstream.
+    Query(String),
+    Cookie(String),
+    /// A `Sec-WebSocket-Protocol` entry shaped like a JWT, removed from the forwarded list.
+    Protocol,
+}
+
+/// `forward = { ... }`: an `auth_request`-style subrequest.
+#[derive(Debug)]
+pub struct ForwardConfig {
+    pub url: http::Uri,
+    pub timeout: Duration,
+    /// Lower-cased header names copied from the auth answer to the upstream request.
+    pub copy_headers: Vec<String>,
+    /// Trust anchors for an https `url` (none: the system's).
+    pub ca: Vec<CertificateDer<'static>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -388,6 +467,16 @@ pub mod defaults {
     pub const ROUTE_PATH: &str = "/";
     /// `[routes.X] strip_prefix`: the upstream sees the path the client asked for.
     pub const ROUTE_STRIP_PREFIX: bool = false;
+    /// `[routes.X.auth] jwt.leeway`: clock skew tolerated on `exp` and `nbf`; what Envoy
+    /// and most JWT libraries allow.
+    pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
+    /// `jwt.jwks_refresh`: how often a JWKS URL is fetched again; key rotations publish
+    /// the new key well ahead, and an unknown `kid` fetches at once anyway.
+    pub const JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
+    /// `forward.timeout`: an auth service slower than this is failing (504).
+    pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `jwt.from`: the standard place (RFC 6750).
+    pub const JWT_FROM: &str = "header:Authorization";
 }
 
 impl Default for Timeouts {

@@ -203,6 +203,59 @@ pub struct RawRoute {
     pub allowed_origins: Option<Spanned<Vec<Spanned<String>>>>,
     pub strip_prefix: Option<bool>,
     pub timeouts: Option<RawTimeouts>,
+    pub auth: Option<Spanned<RawAuth>>,
+}
+
+/// `[routes.NAME.auth]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct RawAuth {
+    pub jwt: Option<Spanned<RawJwt>>,
+    pub forward: Option<Spanned<RawForward>>,
+    pub claims_to_headers: Option<Spanned<std::collections::BTreeMap<Spanned<String>, Spanned<String>>>>,
+    pub close_on_expiry: Option<Spanned<bool>>,
+}
+
+/// `[routes.NAME.auth] jwt = { ... }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct RawJwt {
+    pub jwks: Option<Spanned<String>>,
+    pub jwks_refresh: Option<Spanned<UnitText>>,
+    pub jwks_ca: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<String>>,
+    pub issuer: Option<Spanned<OneOrMany>>,
+    pub audience: Option<Spanned<OneOrMany>>,
+    pub algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    pub leeway: Option<Spanned<UnitText>>,
+    pub from: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `[routes.NAME.auth] forward = { ... }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct RawForward {
+    pub url: Spanned<String>,
+    pub timeout: Option<Spanned<UnitText>>,
+    pub copy_headers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ca: Option<Spanned<String>>,
+}
+
+/// A string, or a list of strings (`issuer`, `audience`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string or a list of strings")]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 /// A duration, size or rate as written. Numbers are accepted here (and refused later with

@@ -20,6 +20,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use toml::Spanned;
 
 use super::defaults;
+
+#[path = "auth.rs"]
+mod auth;
+pub use auth::token_source;
 use super::raw::{
     self, key_segment, NamedTables, Problem, RawConfig, RawHealth, RawLimits, RawListener,
     RawRoute, RawTimeouts, RawTls, RawUpstream, RawUpstreamTls, UnitText,
@@ -879,6 +883,7 @@ impl Checker<'_> {
                 Some(t) => self.timeouts_over(global, t, &format!("{path_key}.timeouts")),
                 None => global,
             };
+            let auth = raw.auth.and_then(|a| self.route_auth(a, &path_key));
             if let Some(target) = target {
                 out.push(RouteConfig {
                     name,
@@ -888,6 +893,7 @@ impl Checker<'_> {
                     allowed_origins,
                     strip_prefix: raw.strip_prefix.unwrap_or(defaults::ROUTE_STRIP_PREFIX),
                     timeouts,
+                    auth,
                 });
             }
         }

@@ -14,6 +14,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
+use crate::auth::{jwt, Grant};
 use crate::config::Balance;
 use crate::error::{Broken, ProxyError};
 use crate::gateway::{ConnContext, Route, Shared};
@@ -134,7 +135,7 @@ pub fn validate<B>(
 }
 
 /// The route's `allowed_origins`, when it has them.
-fn check_origin(h: &HeaderMap, route: &Route) -> Result<(), ProxyError> {
+pub fn check_origin(h: &HeaderMap, route: &Route) -> Result<(), ProxyError> {
     if let Some(allowed) = &route.config.allowed_origins {
         let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
         match origin {
@@ -164,6 +165,12 @@ pub fn admit(shared: &Shared, conn: &ConnContext) -> Result<Permit, ProxyError> 
         .map_err(ProxyError::Limited)
 }
 
+/// An upgrade request, and what auth granted it.
+pub struct Upgrade {
+    pub kind: UpgradeKind,
+    pub grant: Grant,
+}
+
 /// Handles an upgrade on a route with an upstream: forward, verify, splice.
 pub async fn forward(
     mut req: Request<Incoming>,
@@ -172,8 +179,9 @@ pub async fn forward(
     conn: Arc<ConnContext>,
     shared: Arc<Shared>,
     host: Option<&str>,
-    kind: UpgradeKind,
+    upgrade: Upgrade,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let Upgrade { kind, grant } = upgrade;
     let key = validate(&req, &route, kind)?;
     let permit = admit(&shared, &conn)?;
     let mut headers = upstream_headers(&req, &conn, host);
@@ -266,11 +274,24 @@ pub async fn forward(
     } else {
         rest.freeze()
     };
-    let client_upgrade = hyper::upgrade::on(&mut req);
+    // What the connection list shows: the upstream's choice, never a token wsgate echoes.
     let subprotocol = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let chosen = headers.get(header::SEC_WEBSOCKET_PROTOCOL);
+    if let Some(chosen) = chosen {
+        let chosen = chosen.to_str().unwrap_or("").trim();
+        if !jwt::protocols(req.headers()).any(|p| p == chosen) {
+            return Err(broken(Broken::UnofferedProtocol(chosen.to_string())));
+        }
+    } else if let Some(token) = &grant.protocol_token {
+        // The client offered only its token; the upstream never saw it and chose none.
+        if let Ok(value) = HeaderValue::from_str(token) {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+        }
+    }
+    let client_upgrade = hyper::upgrade::on(&mut req);
     let record = upgraded::new_record(
         &shared,
         &route,
@@ -279,12 +300,14 @@ pub async fn forward(
         subprotocol,
         kind,
     );
-    let settings = upgraded::tunnel_settings(timeouts, &shared).with_extensions(
-        headers
-            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let settings = upgraded::tunnel_settings(timeouts, &shared)
+        .with_extensions(
+            headers
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+        .expiring(grant.expires_in);
     debug!(id = record.identity.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {

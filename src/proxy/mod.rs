@@ -18,10 +18,12 @@ use ::http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
+use crate::auth::Grant;
 use crate::config::{Builtin, RouteTarget};
 use crate::error::{Blame, ProxyError};
 use crate::gateway::{ConnContext, Route, Shared};
-use crate::metrics::{HandshakeResult, RejectReason};
+use crate::metrics::{AuthResult, HandshakeResult, RejectReason};
+use crate::proxy::headers::ClientInfo;
 use body::ProxyBody;
 
 /// Serves one request on a client connection.
@@ -59,37 +61,10 @@ pub async fn handle(
     let upgrade = kind.is_some();
     let http1 = req.version() < ::http::Version::HTTP_2;
     let started = Instant::now();
-    let result = match (&route.config.target, &route.upstream, kind) {
-        (RouteTarget::Builtin(Builtin::Echo), _, Some(kind)) => {
-            match handshake::validate(&req, &route, kind)
-                .and_then(|key| Ok((key, handshake::admit(&shared, &conn)?)))
-            {
-                Ok((key, permit)) => Ok(upgraded::accept_echo(
-                    req,
-                    &route,
-                    &conn,
-                    &shared,
-                    (kind, &key),
-                    permit,
-                )),
-                Err(e) => Err(e),
-            }
-        }
-        (RouteTarget::Builtin(_), _, _) => Ok(builtin_plain_answer(http1)),
-        (RouteTarget::Upstream(_), Some(upstream), kind) => {
-            let upstream = upstream.clone();
-            if let Some(kind) = kind {
-                let (route, conn) = (route.clone(), conn.clone());
-                let host = host.as_deref();
-                handshake::forward(req, route, upstream, conn, shared.clone(), host, kind).await
-            } else {
-                plain::forward(req, &route, &upstream, &conn, host.as_deref()).await
-            }
-        }
-        (RouteTarget::Upstream(name), None, _) => Err(ProxyError::Internal(format!(
-            "route {} names unknown upstream {name}",
-            route.name
-        ))),
+    let mut req = req;
+    let result = match authenticate(&mut req, &route, &conn, host.as_deref(), kind).await {
+        Err(e) => Err(e),
+        Ok(grant) => serve(req, &route, &conn, &shared, host.as_deref(), kind, grant).await,
     };
 
     let (response, handshake_result) = match result {
@@ -130,6 +105,80 @@ pub async fn handle(
         );
     }
     Ok(response)
+}
+
+/// `[routes.X.auth]`, when the route has it: the Origin check first (design.md: after
+/// routing and Origin), then the credentials. Counted in `wsgate_auth_total`.
+async fn authenticate<B>(
+    req: &mut Request<B>,
+    route: &Route,
+    conn: &ConnContext,
+    host: Option<&str>,
+    kind: Option<handshake::UpgradeKind>,
+) -> Result<Grant, ProxyError> {
+    let Some(auth) = &route.auth else {
+        return Ok(Grant::default());
+    };
+    if kind.is_some() {
+        handshake::check_origin(req.headers(), route)?;
+    }
+    let client = ClientInfo {
+        ip: conn.client.ip(),
+        proto: conn.proto(),
+        host,
+    };
+    match auth.check(req, client).await {
+        Ok(grant) => {
+            route.metrics.auth(AuthResult::Ok);
+            Ok(grant)
+        }
+        Err(refusal) => {
+            route.metrics.auth(refusal.result);
+            Err(ProxyError::Auth(Box::new(refusal)))
+        }
+    }
+}
+
+/// Answers a request that passed routing (and auth): builtin, upgrade or plain request.
+async fn serve(
+    req: Request<Incoming>,
+    route: &Arc<Route>,
+    conn: &Arc<ConnContext>,
+    shared: &Arc<Shared>,
+    host: Option<&str>,
+    kind: Option<handshake::UpgradeKind>,
+    grant: Grant,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let http1 = req.version() < ::http::Version::HTTP_2;
+    match (&route.config.target, &route.upstream, kind) {
+        (RouteTarget::Builtin(Builtin::Echo), _, Some(kind)) => {
+            let key = handshake::validate(&req, route, kind)?;
+            let permit = handshake::admit(shared, conn)?;
+            Ok(upgraded::accept_echo(
+                req,
+                route,
+                conn,
+                shared,
+                (kind, &key),
+                permit,
+                grant,
+            ))
+        }
+        (RouteTarget::Builtin(_), _, _) => Ok(builtin_plain_answer(http1)),
+        (RouteTarget::Upstream(_), Some(upstream), kind) => {
+            if let Some(kind) = kind {
+                let (route, upstream, conn) = (route.clone(), upstream.clone(), conn.clone());
+                let upgrade = handshake::Upgrade { kind, grant };
+                handshake::forward(req, route, upstream, conn, shared.clone(), host, upgrade).await
+            } else {
+                plain::forward(req, route, upstream, conn, host).await
+            }
+        }
+        (RouteTarget::Upstream(name), None, _) => Err(ProxyError::Internal(format!(
+            "route {} names unknown upstream {name}",
+            route.name
+        ))),
+    }
 }
 
 /// Counts a finished request or handshake on its route.

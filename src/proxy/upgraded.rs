@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::auth::Grant;
 use crate::config::Timeouts;
 use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
@@ -95,13 +96,14 @@ pub fn accept_echo<B>(
     shared: &Arc<Shared>,
     (kind, key): (UpgradeKind, &HeaderValue),
     permit: Permit,
+    grant: Grant,
 ) -> Response<ProxyBody>
 where
     B: Send + 'static,
 {
     let on_upgrade = hyper::upgrade::on(req);
     let record = new_record(shared, route, conn, None, None, kind);
-    let settings = tunnel_settings(route.config.timeouts, shared);
+    let settings = tunnel_settings(route.config.timeouts, shared).expiring(grant.expires_in);
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
         let _permit = permit;
@@ -130,5 +132,14 @@ where
         };
         tokio::join!(tunnel, echo);
     });
-    super::handshake::accepted(kind, key)
+    let mut response = super::handshake::accepted(kind, key);
+    if let Some(value) = grant
+        .protocol_token
+        .and_then(|t| HeaderValue::from_str(&t).ok())
+    {
+        response
+            .headers_mut()
+            .insert(http::header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    response
 }

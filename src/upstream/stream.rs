@@ -85,6 +85,13 @@ impl UpstreamTlsContext {
     }
 }
 
+/// Lets auth's pooled HTTP client use the same connections (see `auth::client`).
+impl hyper_util::client::legacy::connect::Connection for UpstreamStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
 impl crate::ws::splice::SpliceIo for UpstreamStream {
     fn tcp(&self) -> Option<&TcpStream> {
         match self {

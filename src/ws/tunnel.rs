@@ -119,6 +119,10 @@ pub struct TunnelSettings {
     pub splice: bool,
     /// The RSV bits the extensions agreed in the 101 allow, both ways.
     pub rsv: RsvPolicy,
+    /// `close_on_expiry`: milliseconds from the tunnel's start to its token's expiry
+    /// (`exp` + leeway); 0 for none. Four bytes that fit the struct's padding, so a tunnel
+    /// with a token costs no more than one without.
+    pub expires_in_ms: u32,
 }
 
 impl TunnelSettings {
@@ -131,6 +135,7 @@ impl TunnelSettings {
             max_frame_rate: limits.max_frame_rate,
             splice,
             rsv: RsvPolicy::NoExtension,
+            expires_in_ms: 0,
         }
     }
 }
@@ -141,6 +146,21 @@ impl TunnelSettings {
     pub fn with_extensions<'a>(mut self, agreed: impl IntoIterator<Item = &'a str>) -> Self {
         self.rsv = RsvPolicy::from_agreed(agreed);
         self
+    }
+
+    /// The same settings for a tunnel to be closed at `expiry` (its token's `exp` plus
+    /// leeway); `None` keeps it open. Past 49 days (what 32 bits of milliseconds hold) the
+    /// other timeouts end a connection first in any real deployment, so none is kept.
+    pub fn expiring(mut self, expiry: Option<Duration>) -> Self {
+        self.expires_in_ms = match expiry {
+            Some(d) => u32::try_from(d.as_millis()).map_or(0, |ms| ms.max(1)),
+            None => 0,
+        };
+        self
+    }
+
+    fn expiry(&self) -> Option<Duration> {
+        (self.expires_in_ms != 0).then(|| Duration::from_millis(u64::from(self.expires_in_ms)))
     }
 }
 
@@ -178,6 +198,8 @@ pub(crate) enum CloseReason {
     Drain,
     /// `DELETE /connections/{id}`.
     Operator,
+    /// `close_on_expiry`: the token the handshake carried expired.
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -204,6 +226,10 @@ impl CloseReason {
             CloseReason::UpstreamGone => (Some(BAD_GATEWAY_FRAME), None),
             CloseReason::Drain => both(CloseFrame::new(GOING_AWAY, "going away")),
             CloseReason::Operator => both(CloseFrame::new(GOING_AWAY, "closed by operator")),
+            CloseReason::TokenExpired => (
+                Some(CloseFrame::new(close_code::POLICY_VIOLATION, "token expired")),
+                Some(CloseFrame::new(GOING_AWAY, "token expired")),
+            ),
         }
     }
 
@@ -213,7 +239,10 @@ impl CloseReason {
     fn client_first(self) -> bool {
         matches!(
             self,
-            CloseReason::Drain | CloseReason::Operator | CloseReason::Idle
+            CloseReason::Drain
+                | CloseReason::Operator
+                | CloseReason::Idle
+                | CloseReason::TokenExpired
         )
     }
 
@@ -1301,10 +1330,11 @@ where
             && upstream.tcp().is_some();
         c2u.splice_capable = splice_capable;
         u2c.splice_capable = splice_capable;
-        // The first timer: the earliest of the idle and keepalive deadlines.
+        // The first timer: the earliest of the idle, keepalive and expiry deadlines.
         let first = [
             t.ping_interval.map(|i| now + i),
             t.upstream_ping_interval.map(|i| now + i),
+            settings.expiry().map(|e| now + e),
         ]
         .into_iter()
         .flatten()
@@ -1497,6 +1527,10 @@ where
         if now >= self.last_data + self.settings.timeouts.idle {
             self.idle_timeouts += 1;
             self.proxy_close(CloseReason::Idle, now);
+            return;
+        }
+        if self.settings.expiry().is_some_and(|e| now >= self.start_clock + e) {
+            self.proxy_close(CloseReason::TokenExpired, now);
         }
     }
 
@@ -1563,6 +1597,7 @@ where
         for d in [
             self.client_ka.next_deadline(),
             self.upstream_ka.next_deadline(),
+            self.settings.expiry().map(|e| self.start_clock + e),
         ]
         .into_iter()
         .flatten()

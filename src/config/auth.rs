@@ -1,0 +1,415 @@
+//! `[routes.X.auth]`: token locations, algorithms, key files, URLs and header names, each
+//! problem reported at the value that has it.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::header::HeaderName;
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
+use toml::Spanned;
+
+use super::defaults;
+use super::raw::{RawAuth, RawForward, RawJwt};
+use super::Checker;
+use crate::config::{AuthConfig, ForwardConfig, JwksSource, JwtConfig, Secret, TokenSource};
+
+/// Shortest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the
+/// hash (256 bits for HS256); shorter ones can be guessed offline from one token.
+const MIN_SECRET_BYTES: usize = 32;
+
+/// Headers a claim or an auth answer may not set: they frame the request or the upgrade.
+const RESERVED_HEADERS: [&str; 12] = [
+    "host",
+    "connection",
+    "upgrade",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+];
+
+impl Checker<'_> {
+    pub(super) fn route_auth(
+        &mut self,
+        raw: Spanned<RawAuth>,
+        path_key: &str,
+    ) -> Option<Arc<AuthConfig>> {
+        let key = format!("{path_key}.auth");
+        let span = raw.span();
+        let raw = raw.into_inner();
+        if raw.jwt.is_none() && raw.forward.is_none() {
+            self.report(
+                span.clone(),
+                format!(
+                    r#"{key} needs `jwt` or `forward` (or both), e.g. jwt = {{ jwks = "jwks.json" }} or forward = {{ url = "http://127.0.0.1:9000/auth" }}"#
+                ),
+            );
+        }
+        let has_jwt = raw.jwt.is_some();
+        let jwt = raw.jwt.and_then(|j| self.jwt(j, &format!("{key}.jwt")));
+        let forward = raw
+            .forward
+            .and_then(|f| self.forward(f.into_inner(), &format!("{key}.forward")));
+        let mut claims_to_headers = Vec::new();
+        if let Some(map) = raw.claims_to_headers {
+            if !has_jwt {
+                self.report(
+                    map.span(),
+                    format!("{key}.claims_to_headers needs `jwt`: claims come from a verified token"),
+                );
+            }
+            for (claim, header) in map.into_inner() {
+                if claim.get_ref().is_empty() {
+                    self.report(
+                        claim.span(),
+                        format!("empty claim name in {key}.claims_to_headers"),
+                    );
+                    continue;
+                }
+                let place = format!("for claim {:?} in {key}.claims_to_headers", claim.get_ref());
+                if let Some(name) = self.parse(&header, "header name", &place, |h| header_name(h))
+                {
+                    claims_to_headers.push((claim.into_inner(), name));
+                }
+            }
+        }
+        let close_on_expiry = match raw.close_on_expiry {
+            Some(c) if *c.get_ref() && !has_jwt => {
+                self.report(
+                    c.span(),
+                    format!("{key}.close_on_expiry needs `jwt`: only a verified token has an `exp` to close at"),
+                );
+                false
+            }
+            Some(c) => *c.get_ref(),
+            None => jwt.is_some(),
+        };
+        if jwt.is_none() && forward.is_none() {
+            return None;
+        }
+        Some(Arc::new(AuthConfig {
+            jwt,
+            forward,
+            claims_to_headers,
+            close_on_expiry,
+        }))
+    }
+
+    fn jwt(&mut self, raw: Spanned<RawJwt>, key: &str) -> Option<JwtConfig> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let mark = self.mark();
+        if raw.jwks.is_none() && raw.secret_file.is_none() {
+            self.report(
+                span,
+                format!(
+                    r#"{key} needs `jwks` (a JWKS file or an https URL) or `secret_file` (for HS256), e.g. jwks = "jwks.json""#
+                ),
+            );
+        }
+        let jwks = raw.jwks.as_ref().and_then(|j| self.jwks(j, key));
+        let jwks_ca = match (&raw.jwks_ca, &jwks) {
+            (Some(ca), Some(JwksSource::Url(uri))) if uri.scheme_str() == Some("https") => {
+                self.certificates(ca, &format!("{key}.jwks_ca"))
+                    .unwrap_or_default()
+            }
+            (Some(ca), _) => {
+                self.report(
+                    ca.span(),
+                    format!("{key}.jwks_ca only applies when jwks is an https URL"),
+                );
+                Vec::new()
+            }
+            (None, _) => Vec::new(),
+        };
+        let jwks_refresh = match &raw.jwks_refresh {
+            Some(v) => self.positive_duration(v, &format!("{key}.jwks_refresh"), defaults::JWKS_REFRESH),
+            None => defaults::JWKS_REFRESH,
+        };
+        let secret = raw.secret_file.as_ref().and_then(|f| self.secret(f, key));
+        let algorithms = raw
+            .algorithms
+            .as_ref()
+            .and_then(|list| self.algorithms(list, key, &raw));
+        let leeway = match &raw.leeway {
+            Some(v) => self
+                .duration(v, &format!("{key}.leeway"))
+                .unwrap_or(defaults::JWT_LEEWAY),
+            None => defaults::JWT_LEEWAY,
+        };
+        let issuers = self.claim_values(raw.issuer, &format!("{key}.issuer"));
+        let audiences = self.claim_values(raw.audience, &format!("{key}.audience"));
+        let from = match &raw.from {
+            None => vec![TokenSource::Header("authorization".to_string())],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.report(
+                        list.span(),
+                        format!(r#"{key}.from is empty: list where the token may be, e.g. ["{}"]"#, defaults::JWT_FROM),
+                    );
+                }
+                let place = format!("in {key}.from");
+                list.get_ref()
+                    .iter()
+                    .filter_map(|s| self.parse(s, "token location", &place, |s| token_source(s)))
+                    .collect()
+            }
+        };
+        if !self.clean_since(mark) {
+            return None;
+        }
+        Some(JwtConfig {
+            jwks,
+            jwks_refresh,
+            jwks_ca,
+            secret,
+            issuers,
+            audiences,
+            algorithms,
+            leeway,
+            from,
+        })
+    }
+
+    fn jwks(&mut self, value: &Spanned<String>, key: &str) -> Option<JwksSource> {
+        let text = value.get_ref();
+        if text.contains("://") {
+            let place = format!("for {key}.jwks");
+            return self
+                .parse(value, "URL", &place, |u| fetch_url(u))
+                .map(JwksSource::Url);
+        }
+        let bytes = self.read_file(value, "JWKS", &format!("{key}.jwks"))?;
+        match crate::auth::jwks::parse(&bytes) {
+            Ok(set) if !set.keys.is_empty() => Some(JwksSource::File {
+                path: self.resolve(text),
+                keys: Arc::new(set.keys),
+            }),
+            Ok(set) => {
+                let skipped = if set.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (skipped: {})", set.skipped.join("; "))
+                };
+                self.report(
+                    value.span(),
+                    format!("JWKS file {text:?} for {key}.jwks has no usable public key{skipped}"),
+                );
+                None
+            }
+            Err(e) => {
+                self.report(
+                    value.span(),
+                    format!("JWKS file {text:?} for {key}.jwks is not a JWK set: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn secret(&mut self, value: &Spanned<String>, key: &str) -> Option<Secret> {
+        let mut bytes = self.read_file(value, "secret", &format!("{key}.secret_file"))?;
+        // A file written by `echo` or an editor ends in a newline that is not part of the key.
+        while bytes.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+            bytes.pop();
+        }
+        if bytes.len() < MIN_SECRET_BYTES {
+            self.report(
+                value.span(),
+                format!(
+                    "secret in {:?} for {key}.secret_file is {} bytes; HMAC keys need at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)",
+                    value.get_ref(),
+                    bytes.len()
+                ),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
+    }
+
+    fn algorithms(
+        &mut self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        key: &str,
+        raw: &RawJwt,
+    ) -> Option<Vec<Algorithm>> {
+        if list.get_ref().is_empty() {
+            self.report(
+                list.span(),
+                format!(r#"{key}.algorithms is empty: list the accepted ones, e.g. ["RS256"], or remove the key to accept what the keys declare"#),
+            );
+            return None;
+        }
+        let mut algorithms = Vec::new();
+        for name in list.get_ref() {
+            let text = name.get_ref();
+            let problem = match Algorithm::from_str(text) {
+                _ if text.eq_ignore_ascii_case("none") => Some(format!(
+                    "algorithm \"none\" in {key}.algorithms is never accepted: an unsigned token proves nothing"
+                )),
+                Err(_) => Some(format!(
+                    "unknown algorithm {text:?} in {key}.algorithms: expected RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384 or HS512"
+                )),
+                Ok(alg) if alg.family() == AlgorithmFamily::Hmac && raw.secret_file.is_none() => {
+                    Some(format!(
+                        "{text} in {key}.algorithms needs `secret_file`: HMAC keys never come from a JWKS, so a public key cannot be used as a secret"
+                    ))
+                }
+                Ok(alg) if alg.family() != AlgorithmFamily::Hmac && raw.jwks.is_none() => Some(
+                    format!("{text} in {key}.algorithms needs `jwks` to get its public keys from"),
+                ),
+                Ok(alg) => {
+                    if !algorithms.contains(&alg) {
+                        algorithms.push(alg);
+                    }
+                    None
+                }
+            };
+            if let Some(message) = problem {
+                self.report(name.span(), message);
+            }
+        }
+        Some(algorithms)
+    }
+
+    fn claim_values(
+        &mut self,
+        raw: Option<Spanned<super::raw::OneOrMany>>,
+        key: &str,
+    ) -> Vec<String> {
+        let Some(raw) = raw else { return Vec::new() };
+        let span = raw.span();
+        let values = raw.into_inner().into_vec();
+        if values.is_empty() || values.iter().any(String::is_empty) {
+            self.report(
+                span,
+                format!("{key} must be a non-empty string or list of non-empty strings; remove the key to accept any"),
+            );
+        }
+        values
+    }
+
+    fn forward(&mut self, raw: RawForward, key: &str) -> Option<ForwardConfig> {
+        let mark = self.mark();
+        let url = self.parse(&raw.url, "URL", &format!("for {key}.url"), |u| {
+            forward_url(u)
+        });
+        let ca = match (&raw.ca, &url) {
+            (Some(ca), Some(u)) if u.scheme_str() == Some("https") => self
+                .certificates(ca, &format!("{key}.ca"))
+                .unwrap_or_default(),
+            (Some(ca), _) => {
+                self.report(
+                    ca.span(),
+                    format!("{key}.ca only applies when url is https"),
+                );
+                Vec::new()
+            }
+            (None, _) => Vec::new(),
+        };
+        let timeout = match &raw.timeout {
+            Some(v) => {
+                self.positive_duration(v, &format!("{key}.timeout"), defaults::FORWARD_TIMEOUT)
+            }
+            None => defaults::FORWARD_TIMEOUT,
+        };
+        let mut copy_headers = Vec::new();
+        if let Some(list) = &raw.copy_headers {
+            let place = format!("in {key}.copy_headers");
+            for h in list.get_ref() {
+                if let Some(name) = self.parse(h, "header name", &place, |h| header_name(h)) {
+                    copy_headers.push(name);
+                }
+            }
+        }
+        let url = url?;
+        self.clean_since(mark).then_some(ForwardConfig {
+            url,
+            timeout,
+            copy_headers,
+            ca,
+        })
+    }
+}
+
+/// A header name wsgate may set on the upstream request, lower-cased.
+fn header_name(s: &str) -> Result<String, String> {
+    let name = HeaderName::from_bytes(s.as_bytes())
+        .map_err(|_| "not a valid header name (letters, digits and -)".to_string())?;
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        return Err(format!(
+            "{} frames the request or the upgrade and cannot be set; pick a name such as \"X-User-Id\"",
+            name.as_str()
+        ));
+    }
+    Ok(name.as_str().to_string())
+}
+
+/// `header:NAME`, `query:NAME`, `cookie:NAME` or `protocol`.
+pub fn token_source(s: &str) -> Result<TokenSource, String> {
+    const EXPECTED: &str =
+        r#"expected "header:NAME", "query:NAME", "cookie:NAME" or "protocol""#;
+    if s == "protocol" {
+        return Ok(TokenSource::Protocol);
+    }
+    let (kind, name) = s.split_once(':').ok_or_else(|| EXPECTED.to_string())?;
+    if name.is_empty() {
+        return Err(format!("the name after \"{kind}:\" is missing; {EXPECTED}"));
+    }
+    match kind {
+        "header" => HeaderName::from_bytes(name.as_bytes())
+            .map(|h| TokenSource::Header(h.as_str().to_string()))
+            .map_err(|_| format!("{name:?} is not a valid header name")),
+        "query" => Ok(TokenSource::Query(name.to_string())),
+        "cookie" if name.bytes().all(|b| b.is_ascii_graphic() && !b";=,".contains(&b)) => {
+            Ok(TokenSource::Cookie(name.to_string()))
+        }
+        "cookie" => Err(format!("{name:?} is not a valid cookie name")),
+        _ => Err(EXPECTED.to_string()),
+    }
+}
+
+/// A JWKS URL: https, or http to a loopback address (a local key-serving sidecar); keys
+/// fetched in the clear from anywhere else could be replaced on the way.
+fn fetch_url(s: &str) -> Result<http::Uri, String> {
+    let uri = absolute_url(s)?;
+    if uri.scheme_str() == Some("http") && !is_loopback(uri.host().unwrap_or("")) {
+        return Err(
+            "keys fetched over plain http could be replaced on the way; use https (http is accepted for loopback addresses only)"
+                .to_string(),
+        );
+    }
+    Ok(uri)
+}
+
+/// A forward-auth URL: http or https.
+fn forward_url(s: &str) -> Result<http::Uri, String> {
+    absolute_url(s)
+}
+
+fn absolute_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| r#"expected an absolute URL such as "https://auth.example.com/jwks.json""#.to_string())?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("the scheme must be http or https".to_string()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the URL has no host".to_string());
+    }
+    Ok(uri)
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
