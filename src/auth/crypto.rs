@@ -66,8 +66,7 @@ struct RingVerifier {
 
 fn verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>> {
     // The family check is what keeps an RSA public key from being used as an HMAC secret.
-    if key.family() != alg.family() || key.family() == AlgorithmFamily::Ed && key_len(key) != 32
-    {
+    if key.family() != alg.family() || key.family() == AlgorithmFamily::Ed && key_len(key) != 32 {
         return Err(Error::from(ErrorKind::InvalidKeyFormat));
     }
     let check = check_for(*alg).ok_or_else(|| Error::from(ErrorKind::InvalidAlgorithm))?;
@@ -83,11 +82,7 @@ fn key_len(key: &DecodingKey) -> usize {
 }
 
 impl Verifier<Vec<u8>> for RingVerifier {
-    fn verify(
-        &self,
-        msg: &[u8],
-        sig: &Vec<u8>,
-    ) -> std::result::Result<(), signature::Error> {
+    fn verify(&self, msg: &[u8], sig: &Vec<u8>) -> std::result::Result<(), signature::Error> {
         let ok = match (&self.check, &self.key) {
             (Check::Hmac(alg), DecodingKeyKind::SecretOrDer(secret)) => {
                 ring::hmac::verify(&ring::hmac::Key::new(*alg, secret), msg, sig).is_ok()

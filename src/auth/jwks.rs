@@ -10,9 +10,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{header, Request, StatusCode, Uri};
 use http_body_util::Empty;
-use jsonwebtoken::jwk::{
-    AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse,
-};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
@@ -270,7 +268,10 @@ impl RemoteJwks {
     async fn download(&self) -> Result<Keys, String> {
         let req = Request::get(self.uri.clone())
             .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, concat!("wsgate/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("wsgate/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
         let started = Instant::now();
@@ -398,12 +399,23 @@ mod tests {
 
     #[test]
     fn a_key_verifies_its_own_algorithm_only() {
-        let declared = Keys::new(&parse(format!(r#"{{"keys":[{}]}}"#, rsa(r#","alg":"PS256""#)).as_bytes()).unwrap().keys);
-        let undeclared = Keys::new(&parse(format!(r#"{{"keys":[{}]}}"#, rsa("")).as_bytes()).unwrap().keys);
+        let declared = Keys::new(
+            &parse(format!(r#"{{"keys":[{}]}}"#, rsa(r#","alg":"PS256""#)).as_bytes())
+                .unwrap()
+                .keys,
+        );
+        let undeclared = Keys::new(
+            &parse(format!(r#"{{"keys":[{}]}}"#, rsa("")).as_bytes())
+                .unwrap()
+                .keys,
+        );
         let (d, u) = (&declared.0[0], &undeclared.0[0]);
         assert!(d.permits(Algorithm::PS256, None));
         assert!(!d.permits(Algorithm::RS256, None));
-        assert!(!d.permits(Algorithm::RS256, Some(&[Algorithm::RS256, Algorithm::PS256])));
+        assert!(!d.permits(
+            Algorithm::RS256,
+            Some(&[Algorithm::RS256, Algorithm::PS256])
+        ));
         assert!(u.permits(Algorithm::RS256, None));
         assert!(!u.permits(Algorithm::RS512, None));
         assert!(u.permits(Algorithm::RS512, Some(&[Algorithm::RS512])));

@@ -378,8 +378,15 @@ mod tests {
                 .collect()
         };
         // A Basic Authorization is not a bearer token: the next place is tried.
-        let found = find_token(&uri, &h, &from(&["header:Authorization", "query:access_token"]));
-        assert_eq!(found, Some((JWT.to_string(), Found::Query("access_token".into()))));
+        let found = find_token(
+            &uri,
+            &h,
+            &from(&["header:Authorization", "query:access_token"]),
+        );
+        assert_eq!(
+            found,
+            Some((JWT.to_string(), Found::Query("access_token".into())))
+        );
         let found = find_token(&uri, &h, &from(&["cookie:session"]));
         assert_eq!(found, Some(("cookie-token".into(), Found::Cookie)));
         let found = find_token(&uri, &h, &from(&["protocol"]));
@@ -387,17 +394,34 @@ mod tests {
         let bearer = headers(&[("authorization", &format!("bearer  {JWT}"))]);
         let found = find_token(&uri, &bearer, &from(&["header:Authorization"]));
         assert_eq!(found, Some((JWT.to_string(), Found::Header)));
-        assert_eq!(find_token(&"/".parse().unwrap(), &HeaderMap::new(), &from(&["query:t", "cookie:c", "protocol"])), None);
+        assert_eq!(
+            find_token(
+                &"/".parse().unwrap(),
+                &HeaderMap::new(),
+                &from(&["query:t", "cookie:c", "protocol"])
+            ),
+            None
+        );
     }
 
     #[test]
     fn the_token_is_removed_from_query_and_protocols() {
-        let mut uri: Uri = format!("/ws?room=1&access_token={JWT}&x=2").parse().unwrap();
-        let mut h = headers(&[("sec-websocket-protocol", &format!("chat, {JWT}")), ("sec-websocket-protocol", "v2")]);
+        let mut uri: Uri = format!("/ws?room=1&access_token={JWT}&x=2")
+            .parse()
+            .unwrap();
+        let mut h = headers(&[
+            ("sec-websocket-protocol", &format!("chat, {JWT}")),
+            ("sec-websocket-protocol", "v2"),
+        ]);
         remove_token(&mut uri, &mut h, &Found::Query("access_token".into()), JWT);
         assert_eq!(uri, "/ws?room=1&x=2");
         remove_token(&mut uri, &mut h, &Found::Protocol, JWT);
-        assert_eq!(h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().collect::<Vec<_>>(), ["chat, v2"]);
+        assert_eq!(
+            h.get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .collect::<Vec<_>>(),
+            ["chat, v2"]
+        );
         let mut only: Uri = format!("/ws?access_token={JWT}").parse().unwrap();
         let mut h = headers(&[("sec-websocket-protocol", JWT)]);
         remove_token(&mut only, &mut h, &Found::Query("access_token".into()), JWT);
@@ -409,14 +433,23 @@ mod tests {
     #[test]
     fn only_jwt_shaped_protocols_are_tokens() {
         assert!(looks_like_jwt(JWT));
-        for not in ["chat", "v1.chat.example", "eyJ.a", "eyJa.b.c.d", "eyJa..c", "eyJa.b+c.d"] {
+        for not in [
+            "chat",
+            "v1.chat.example",
+            "eyJ.a",
+            "eyJa.b.c.d",
+            "eyJa..c",
+            "eyJa.b+c.d",
+        ] {
             assert!(!looks_like_jwt(not), "{not}");
         }
     }
 
     #[test]
     fn claims_become_header_values() {
-        let v = |j: &str| claim_value(&serde_json::from_str(j).unwrap()).map(|h| h.to_str().unwrap().to_string());
+        let v = |j: &str| {
+            claim_value(&serde_json::from_str(j).unwrap()).map(|h| h.to_str().unwrap().to_string())
+        };
         assert_eq!(v(r#""alice""#).as_deref(), Some("alice"));
         assert_eq!(v("42").as_deref(), Some("42"));
         assert_eq!(v(r#"["a","b",3]"#).as_deref(), Some("a,b,3"));

@@ -111,7 +111,12 @@ impl Refusal {
     }
 
     /// One of wsgate's own refusals: the reason is the body.
-    fn own(result: AuthResult, status: StatusCode, reason: String, mut headers: HeaderMap) -> Refusal {
+    fn own(
+        result: AuthResult,
+        status: StatusCode,
+        reason: String,
+        mut headers: HeaderMap,
+    ) -> Refusal {
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -129,16 +134,19 @@ impl Refusal {
 
 impl RouteAuth {
     pub fn new(config: &AuthConfig, jwks: &JwksCache, metrics: &Arc<Metrics>) -> RouteAuth {
-        let jwt = config.jwt.as_ref().map(|j| {
-            JwtAuth::new(j, |uri| jwks.get(uri, &j.jwks_ca, j.jwks_refresh, metrics))
-        });
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|j| JwtAuth::new(j, |uri| jwks.get(uri, &j.jwks_ca, j.jwks_refresh, metrics)));
         RouteAuth {
             jwt,
             forward: config.forward.as_ref().map(ForwardAuth::new),
             claims_to_headers: config
                 .claims_to_headers
                 .iter()
-                .filter_map(|(claim, h)| Some((claim.clone(), HeaderName::from_bytes(h.as_bytes()).ok()?)))
+                .filter_map(|(claim, h)| {
+                    Some((claim.clone(), HeaderName::from_bytes(h.as_bytes()).ok()?))
+                })
                 .collect(),
             close_on_expiry: config.close_on_expiry,
         }
@@ -155,8 +163,8 @@ impl RouteAuth {
         let mut grant = Grant::default();
         let mut verified = None;
         if let Some(jwt) = &self.jwt {
-            let (token, found) =
-                jwt::find_token(req.uri(), req.headers(), &jwt.from).ok_or_else(Refusal::missing)?;
+            let (token, found) = jwt::find_token(req.uri(), req.headers(), &jwt.from)
+                .ok_or_else(Refusal::missing)?;
             let claims = jwt.verify(&token).await.map_err(Refusal::token)?;
             if self.close_on_expiry {
                 grant.expires_in = claims.exp.map(|exp| jwt::time_left(exp, jwt.leeway));

@@ -60,7 +60,9 @@ impl Checker<'_> {
             if !has_jwt {
                 self.report(
                     map.span(),
-                    format!("{key}.claims_to_headers needs `jwt`: claims come from a verified token"),
+                    format!(
+                        "{key}.claims_to_headers needs `jwt`: claims come from a verified token"
+                    ),
                 );
             }
             for (claim, header) in map.into_inner() {
@@ -72,8 +74,7 @@ impl Checker<'_> {
                     continue;
                 }
                 let place = format!("for claim {:?} in {key}.claims_to_headers", claim.get_ref());
-                if let Some(name) = self.parse(&header, "header name", &place, |h| header_name(h))
-                {
+                if let Some(name) = self.parse(&header, "header name", &place, |h| header_name(h)) {
                     claims_to_headers.push((claim.into_inner(), name));
                 }
             }
@@ -114,10 +115,9 @@ impl Checker<'_> {
         }
         let jwks = raw.jwks.as_ref().and_then(|j| self.jwks(j, key));
         let jwks_ca = match (&raw.jwks_ca, &jwks) {
-            (Some(ca), Some(JwksSource::Url(uri))) if uri.scheme_str() == Some("https") => {
-                self.certificates(ca, &format!("{key}.jwks_ca"))
-                    .unwrap_or_default()
-            }
+            (Some(ca), Some(JwksSource::Url(uri))) if uri.scheme_str() == Some("https") => self
+                .certificates(ca, &format!("{key}.jwks_ca"))
+                .unwrap_or_default(),
             (Some(ca), _) => {
                 self.report(
                     ca.span(),
@@ -128,7 +128,9 @@ impl Checker<'_> {
             (None, _) => Vec::new(),
         };
         let jwks_refresh = match &raw.jwks_refresh {
-            Some(v) => self.positive_duration(v, &format!("{key}.jwks_refresh"), defaults::JWKS_REFRESH),
+            Some(v) => {
+                self.positive_duration(v, &format!("{key}.jwks_refresh"), defaults::JWKS_REFRESH)
+            }
             None => defaults::JWKS_REFRESH,
         };
         let secret = raw.secret_file.as_ref().and_then(|f| self.secret(f, key));
@@ -150,7 +152,10 @@ impl Checker<'_> {
                 if list.get_ref().is_empty() {
                     self.report(
                         list.span(),
-                        format!(r#"{key}.from is empty: list where the token may be, e.g. ["{}"]"#, defaults::JWT_FROM),
+                        format!(
+                            r#"{key}.from is empty: list where the token may be, e.g. ["{}"]"#,
+                            defaults::JWT_FROM
+                        ),
                     );
                 }
                 let place = format!("in {key}.from");
@@ -352,8 +357,7 @@ fn header_name(s: &str) -> Result<String, String> {
 
 /// `header:NAME`, `query:NAME`, `cookie:NAME` or `protocol`.
 pub fn token_source(s: &str) -> Result<TokenSource, String> {
-    const EXPECTED: &str =
-        r#"expected "header:NAME", "query:NAME", "cookie:NAME" or "protocol""#;
+    const EXPECTED: &str = r#"expected "header:NAME", "query:NAME", "cookie:NAME" or "protocol""#;
     if s == "protocol" {
         return Ok(TokenSource::Protocol);
     }
@@ -366,7 +370,11 @@ pub fn token_source(s: &str) -> Result<TokenSource, String> {
             .map(|h| TokenSource::Header(h.as_str().to_string()))
             .map_err(|_| format!("{name:?} is not a valid header name")),
         "query" => Ok(TokenSource::Query(name.to_string())),
-        "cookie" if name.bytes().all(|b| b.is_ascii_graphic() && !b";=,".contains(&b)) => {
+        "cookie"
+            if name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b";=,".contains(&b)) =>
+        {
             Ok(TokenSource::Cookie(name.to_string()))
         }
         "cookie" => Err(format!("{name:?} is not a valid cookie name")),
@@ -393,9 +401,9 @@ fn forward_url(s: &str) -> Result<http::Uri, String> {
 }
 
 fn absolute_url(s: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|_| r#"expected an absolute URL such as "https://auth.example.com/jwks.json""#.to_string())?;
+    let uri: http::Uri = s.parse().map_err(|_| {
+        r#"expected an absolute URL such as "https://auth.example.com/jwks.json""#.to_string()
+    })?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => return Err("the scheme must be http or https".to_string()),

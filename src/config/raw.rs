@@ -212,7 +212,8 @@ pub struct RawRoute {
 pub struct RawAuth {
     pub jwt: Option<Spanned<RawJwt>>,
     pub forward: Option<Spanned<RawForward>>,
-    pub claims_to_headers: Option<Spanned<std::collections::BTreeMap<Spanned<String>, Spanned<String>>>>,
+    pub claims_to_headers:
+        Option<Spanned<std::collections::BTreeMap<Spanned<String>, Spanned<String>>>>,
     pub close_on_expiry: Option<Spanned<bool>>,
 }
 

@@ -23,7 +23,6 @@ use super::defaults;
 
 #[path = "auth.rs"]
 mod auth;
-pub use auth::token_source;
 use super::raw::{
     self, key_segment, NamedTables, Problem, RawConfig, RawHealth, RawLimits, RawListener,
     RawRoute, RawTimeouts, RawTls, RawUpstream, RawUpstreamTls, UnitText,
@@ -38,6 +37,7 @@ use super::{
     LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig, ServerAddr, SniCert,
     Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
 };
+pub use auth::token_source;
 
 /// Most tokio worker threads accepted. More is a typo or a misunderstanding (threads beyond
 /// the core count only add contention), and it bounds memory spent on thread stacks.

@@ -227,7 +227,10 @@ impl CloseReason {
             CloseReason::Drain => both(CloseFrame::new(GOING_AWAY, "going away")),
             CloseReason::Operator => both(CloseFrame::new(GOING_AWAY, "closed by operator")),
             CloseReason::TokenExpired => (
-                Some(CloseFrame::new(close_code::POLICY_VIOLATION, "token expired")),
+                Some(CloseFrame::new(
+                    close_code::POLICY_VIOLATION,
+                    "token expired",
+                )),
                 Some(CloseFrame::new(GOING_AWAY, "token expired")),
             ),
         }
@@ -1500,6 +1503,15 @@ where
         if now < self.timer_at || self.closing.is_some() || self.deadline.is_some() {
             return;
         }
+        // First: a ping due at the same instant is pointless on a connection being closed.
+        if self
+            .settings
+            .expiry()
+            .is_some_and(|e| now >= self.start_clock + e)
+        {
+            self.proxy_close(CloseReason::TokenExpired, now);
+            return;
+        }
         match self.client_ka.poll(now) {
             KeepaliveAction::Ping(token) => {
                 self.record.metrics.pings_sent.inc();
@@ -1527,10 +1539,6 @@ where
         if now >= self.last_data + self.settings.timeouts.idle {
             self.idle_timeouts += 1;
             self.proxy_close(CloseReason::Idle, now);
-            return;
-        }
-        if self.settings.expiry().is_some_and(|e| now >= self.start_clock + e) {
-            self.proxy_close(CloseReason::TokenExpired, now);
         }
     }
 

@@ -392,6 +392,57 @@ async fn a_silent_upstream_is_closed_at_its_ping_interval_plus_pong_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_expiring_token_closes_the_tunnel_at_expiry_exactly() {
+    // close_on_expiry: 1008 to the client at the token's exp + leeway, through traffic and
+    // keepalive pings, then 1001 to the upstream once the client answered.
+    let expiry = Duration::from_secs(90);
+    let timeouts = Timeouts {
+        ping_interval: Some(Duration::from_secs(30)),
+        ..quiet()
+    };
+    let settings = TunnelSettings::new(timeouts, &Limits::default(), false).expiring(Some(expiry));
+    let mut h = start_with(settings);
+    for _ in 0..3 {
+        // Pings at 30 s and 60 s, answered; the third frame the client sees is the close.
+        let read = read_frame(&mut h.client).await;
+        if read.opcode == OpCode::Close {
+            assert_eq!(read.close(), (1008, "token expired".into()));
+            break;
+        }
+        assert_eq!(read.opcode, OpCode::Ping);
+        assert!(h.elapsed() < expiry, "pinged at {:?}", h.elapsed());
+        h.client
+            .write_all(&from_client(OpCode::Pong, true, &read.payload))
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.elapsed(), expiry);
+    answer_close(&mut h.client, 1008).await;
+    assert_eq!(
+        read_frame(&mut h.upstream).await.close(),
+        (1001, "token expired".into())
+    );
+    answer_close(&mut h.upstream, 1001).await;
+    let outcome = h.outcome().await;
+    assert_eq!(outcome.initiator, crate::ws::side::Initiator::Proxy);
+    assert_eq!(outcome.code, Some(1008));
+    assert_eq!(outcome.reason, "token expired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_expiry_keeps_the_tunnel_open() {
+    let settings = TunnelSettings::new(quiet(), &Limits::default(), false).expiring(None);
+    assert_eq!(settings.expires_in_ms, 0);
+    let mut h = start_with(settings);
+    tokio::time::sleep(Duration::from_secs(5_000)).await;
+    h.client
+        .write_all(&from_client(OpCode::Text, true, b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(read_frame(&mut h.upstream).await.payload, b"still here");
+}
+
+#[tokio::test(start_paused = true)]
 async fn idle_closes_the_client_first_and_its_last_message_still_reaches_the_upstream() {
     let idle = Duration::from_secs(60);
     let mut h = start(Timeouts { idle, ..quiet() }, Limits::default());
