@@ -49,6 +49,7 @@ impl Checker<'_> {
                     r#"{key} needs `jwt` or `forward` (or both), e.g. jwt = {{ jwks = "jwks.json" }} or forward = {{ url = "http://127.0.0.1:9000/auth" }}"#
                 ),
             );
+            return None;
         }
         let has_jwt = raw.jwt.is_some();
         let jwt = raw.jwt.and_then(|j| self.jwt(j, &format!("{key}.jwt")));
@@ -420,4 +421,199 @@ fn is_loopback(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::config::{Config, JwksSource, TokenSource};
+
+    const RSA_JWK: &str = r#"{"kty":"RSA","kid":"k1","alg":"RS256","e":"AQAB","n":"u1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onLRnrq0_IzW7yWR7QkrmBL7jTKEn5u-qKhbwKfBstIs-bMY2Zkp18gnTxKLxoS2tFczGkPLPgizskuemMghRniWaoLcyehkd3qqGElvW_VDL5AaWTg0nLVkjRo9z-40RQzuVaE8AkAFmxZzow3x-VJYKdjykkJ0iT9wCS0DRTXu269V264Vf_3jvredZiKRkgwlL9xNAwxXFg0x_XFw005UWVRIkdgcKWTjpBP2dPwVZ4WWC-9aGVd-Gyn1o0CLelf4rEjGoXbAAEgAqeGUxrcIlbjXfbcmw"}"#;
+
+    struct Files(tempfile::TempDir);
+
+    impl Files {
+        fn new() -> Files {
+            let files = Files(tempfile::tempdir().unwrap());
+            files.write("jwks.json", &format!(r#"{{"keys":[{RSA_JWK}]}}"#));
+            files.write("secret.txt", "0123456789abcdef0123456789abcdef\n");
+            files.write("short.txt", "tooshort\n");
+            files.write("oct.json", r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#);
+            files
+        }
+
+        fn write(&self, name: &str, contents: &str) {
+            std::fs::write(self.0.path().join(name), contents).unwrap();
+        }
+
+        fn source(&self) -> PathBuf {
+            self.0.path().join("proxy.toml")
+        }
+
+        /// A config whose echo route has `auth` (the auth table starts on line 5).
+        fn load(&self, auth: &str) -> Result<Config, Vec<String>> {
+            let text = format!(
+                "[listeners.public]\nbind = \"127.0.0.1:8080\"\n[routes.echo]\nbuiltin = \"echo\"\n[routes.echo.auth]\n{auth}\n"
+            );
+            std::fs::write(self.source(), &text).unwrap();
+            Config::load(&self.source()).map_err(|e| {
+                e.diagnostics
+                    .iter()
+                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                    .collect()
+            })
+        }
+
+        #[track_caller]
+        fn one_problem(&self, auth: &str, position: &str, phrase: &str) {
+            let problems = self.load(auth).err().unwrap_or_default();
+            assert_eq!(problems.len(), 1, "{problems:#?}");
+            assert!(
+                problems[0].starts_with(position) && problems[0].contains(phrase),
+                "want {position:?} ... {phrase:?}, got {:?}",
+                problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_and_every_key() {
+        let files = Files::new();
+        let config = files.load(r#"jwt = { jwks = "jwks.json" }"#).unwrap();
+        let auth = config.routes[0].auth.as_ref().unwrap();
+        let jwt = auth.jwt.as_ref().unwrap();
+        assert!(auth.close_on_expiry, "on by default with jwt");
+        assert_eq!(jwt.leeway, super::defaults::JWT_LEEWAY);
+        assert_eq!(jwt.jwks_refresh, super::defaults::JWKS_REFRESH);
+        assert_eq!(jwt.from, [TokenSource::Header("authorization".into())]);
+        assert_eq!(jwt.algorithms, None);
+        assert!(matches!(&jwt.jwks, Some(JwksSource::File { keys, .. }) if keys.len() == 1));
+
+        let config = files
+            .load(
+                r#"jwt = { jwks = "https://keys.example.com/jwks.json", jwks_refresh = "1m", secret_file = "secret.txt", issuer = ["a", "b"], audience = "chat", algorithms = ["ES256", "HS256"], leeway = "0s", from = ["query:access_token", "cookie:session", "protocol", "header:X-Token"] }
+claims_to_headers = { sub = "X-User-Id", "org.id" = "x-org" }
+forward = { url = "http://127.0.0.1:9000/auth", timeout = "500ms", copy_headers = ["X-User"] }
+close_on_expiry = false"#,
+            )
+            .unwrap();
+        let auth = config.routes[0].auth.as_ref().unwrap();
+        let jwt = auth.jwt.as_ref().unwrap();
+        assert!(!auth.close_on_expiry);
+        assert_eq!(
+            jwt.secret.as_ref().unwrap().0.len(),
+            32,
+            "the newline is not part of it"
+        );
+        assert_eq!(jwt.issuers, ["a", "b"]);
+        assert_eq!(jwt.audiences, ["chat"]);
+        assert_eq!(jwt.from.len(), 4);
+        assert_eq!(jwt.from[3], TokenSource::Header("x-token".into()));
+        assert_eq!(
+            auth.claims_to_headers,
+            [
+                ("org.id".to_string(), "x-org".to_string()),
+                ("sub".to_string(), "x-user-id".to_string())
+            ]
+        );
+        let forward = auth.forward.as_ref().unwrap();
+        assert_eq!(forward.timeout, std::time::Duration::from_millis(500));
+        assert_eq!(forward.copy_headers, ["x-user"]);
+        assert!(
+            format!("{:?}", jwt.secret).contains("32 bytes"),
+            "secrets are never printed"
+        );
+    }
+
+    #[test]
+    fn each_problem_is_reported_at_its_value() {
+        let f = Files::new();
+        f.one_problem(
+            "close_on_expiry = true",
+            "5:1: ",
+            "needs `jwt` or `forward`",
+        );
+        f.one_problem("jwt = { issuer = \"x\" }", "6:7: ", "needs `jwks`");
+        f.one_problem(
+            r#"jwt = { jwks = "jwks.json", algorithms = ["none"] }"#,
+            "6:43: ",
+            "never accepted",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "jwks.json", algorithms = ["HS256"] }"#,
+            "6:43: ",
+            "needs `secret_file`",
+        );
+        f.one_problem(
+            r#"jwt = { secret_file = "secret.txt", algorithms = ["RS256"] }"#,
+            "6:51: ",
+            "needs `jwks`",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "jwks.json", algorithms = ["RS257"] }"#,
+            "6:43: ",
+            "unknown algorithm \"RS257\"",
+        );
+        f.one_problem(
+            r#"jwt = { secret_file = "short.txt" }"#,
+            "6:23: ",
+            "at least 32",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "missing.json" }"#,
+            "6:16: ",
+            "cannot read JWKS file",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "oct.json" }"#,
+            "6:16: ",
+            "no usable public key (skipped: key 0: a symmetric key",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "secret.txt" }"#,
+            "6:16: ",
+            "is not a JWK set",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "http://keys.example.com/jwks" }"#,
+            "6:16: ",
+            "use https",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "jwks.json", from = ["body:token"] }"#,
+            "6:37: ",
+            "expected \"header:NAME\"",
+        );
+        f.one_problem(
+            r#"jwt = { jwks = "jwks.json", jwks_ca = "ca.pem" }"#,
+            "6:39: ",
+            "only applies when jwks is an https URL",
+        );
+        f.one_problem(
+            "jwt = { jwks = \"jwks.json\" }\nclaims_to_headers = { sub = \"Host\" }",
+            "7:29: ",
+            "host frames the request",
+        );
+        f.one_problem(
+            "forward = { url = \"http://127.0.0.1:9/a\" }\nclaims_to_headers = { sub = \"X-User\" }",
+            "7:21: ",
+            "needs `jwt`",
+        );
+        f.one_problem(
+            "forward = { url = \"ftp://auth\" }",
+            "6:19: ",
+            "http or https",
+        );
+        f.one_problem(
+            "forward = { url = \"http://auth/a\", timeout = \"0s\" }",
+            "6:46: ",
+            "must be more than zero",
+        );
+        f.one_problem("forward = { url = \"http://auth/a\", bogus = 1 }", "6:36: ", "unknown key `bogus` in [routes.echo.auth.forward]; expected one of: url, timeout, copy_headers, ca");
+        // A loopback key server may speak plain http.
+        assert!(f
+            .load(r#"jwt = { jwks = "http://127.0.0.1:8000/jwks" }"#)
+            .is_ok());
+    }
 }
