@@ -207,8 +207,9 @@ pub struct RemoteJwks {
     /// `jwks_refresh` of the latest configuration that uses the set.
     refresh: Mutex<Duration>,
     keys: ArcSwapOption<Keys>,
-    /// Held while fetching; the time of the last fetch an unknown `kid` caused.
-    kid_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Held while fetching, so a fetch for an unknown `kid` waits for one under way and
+    /// then uses its result; holds the time of the last fetch an unknown `kid` caused.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -230,7 +231,7 @@ impl RemoteJwks {
     /// `kid` did so in the last 10 s) and return the newest keys.
     pub async fn refetch_for_unknown_kid(&self) -> Option<Arc<Keys>> {
         let before = self.keys.load_full();
-        let mut last = self.kid_fetch.lock().await;
+        let mut last = self.fetching.lock().await;
         let fetched_meanwhile = !same_set(&before, &self.keys.load_full());
         let recent = last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFETCH);
         if !fetched_meanwhile && !recent {
@@ -342,7 +343,7 @@ impl JwksCache {
             client: HttpClient::new(ca),
             refresh: Mutex::new(refresh),
             keys: ArcSwapOption::empty(),
-            kid_fetch: tokio::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(None),
             metrics: metrics.clone(),
         });
         sets.insert(key, Arc::downgrade(&set));
@@ -354,9 +355,18 @@ impl JwksCache {
 /// Fetches a set now and then every `jwks_refresh` (sooner after a failure), until no
 /// configuration uses it.
 async fn keep_fresh(set: Weak<RemoteJwks>) {
+    let mut first = true;
     loop {
         let Some(strong) = set.upgrade() else { return };
-        let ok = strong.fetch().await;
+        let guard = strong.fetching.lock().await;
+        // A handshake may have fetched the set before this task first ran.
+        let ok = if first && strong.keys.load().is_some() {
+            true
+        } else {
+            strong.fetch().await
+        };
+        drop(guard);
+        first = false;
         let refresh = *strong.refresh.lock().unwrap_or_else(|e| e.into_inner());
         let wait = if ok {
             refresh

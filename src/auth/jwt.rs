@@ -107,7 +107,7 @@ impl JwtAuth {
 
     /// Verifies `token`: signature, then `exp`, `nbf`, `iss` and `aud`.
     pub async fn verify(&self, token: &str) -> Result<Verified, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| header_error(token))?;
         let alg = header.alg;
         let allowed = self.algorithms.as_deref();
         if allowed.is_some_and(|a| !a.contains(&alg)) {
@@ -182,6 +182,27 @@ impl JwtAuth {
         }
         let exp = claims.get("exp").and_then(number_seconds);
         Ok(Verified { claims, exp })
+    }
+}
+
+/// Why a header did not parse: an `alg` wsgate does not know (`none` among them) is said
+/// as such; anything else is malformed.
+fn header_error(token: &str) -> TokenError {
+    use base64::Engine as _;
+    let alg = token
+        .split('.')
+        .next()
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
+        .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
+        .is_some_and(|h| h.get("alg").is_some_and(Value::is_string));
+    if alg {
+        TokenError::Algorithm
+    } else {
+        TokenError::Malformed
     }
 }
 

@@ -58,7 +58,10 @@ impl Signer {
             .output()
             .expect("openssl is needed to make RSA test keys (apt-get install openssl)");
         assert!(out.status.success(), "openssl genpkey failed: {out:?}");
-        let pair = RsaKeyPair::from_pkcs8(&out.stdout).expect("openssl made a PKCS#8 RSA key");
+        // OpenSSL 3.0 writes PKCS#1 here, later versions PKCS#8.
+        let pair = RsaKeyPair::from_der(&out.stdout)
+            .or_else(|_| RsaKeyPair::from_pkcs8(&out.stdout))
+            .expect("openssl made an RSA key");
         Signer {
             kid: kid.to_string(),
             alg: "RS256",
@@ -105,10 +108,10 @@ impl Signer {
     pub fn jwk(&self) -> Value {
         match &self.kind {
             Kind::Rsa(pair) => {
-                let public = pair.public_key();
-                let n = public.modulus().big_endian_without_leading_zero();
-                let e = public.exponent().big_endian_without_leading_zero();
-                json!({"kty": "RSA", "kid": self.kid, "alg": "RS256", "use": "sig", "n": b64(n), "e": b64(e)})
+                let public = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(pair.public());
+                let trim = |b: &[u8]| b[b.iter().take_while(|x| **x == 0).count()..].to_vec();
+                let (n, e) = (trim(&public.n), trim(&public.e));
+                json!({"kty": "RSA", "kid": self.kid, "alg": "RS256", "use": "sig", "n": b64(&n), "e": b64(&e)})
             }
             Kind::Ec(pair) => {
                 // Uncompressed point: 0x04 || x || y.
@@ -159,7 +162,11 @@ impl Signer {
                     .expect("RSA signing");
                 sig
             }
-            Kind::Ec(pair) => pair.sign(&rng, message).expect("ECDSA signing").as_ref().to_vec(),
+            Kind::Ec(pair) => pair
+                .sign(&rng, message)
+                .expect("ECDSA signing")
+                .as_ref()
+                .to_vec(),
             Kind::Ed(pair) => pair.sign(message).as_ref().to_vec(),
             Kind::Hmac(key) => ring::hmac::sign(key, message).as_ref().to_vec(),
         }
