@@ -405,11 +405,11 @@ impl ListQuery {
     }
 
     fn keeps(&self, c: &ConnectionView) -> bool {
-        self.route.as_deref().map_or(true, |r| r == c.route)
+        self.route.as_deref().is_none_or(|r| r == c.route)
             && self
                 .client
                 .as_deref()
-                .map_or(true, |prefix| c.client.starts_with(prefix))
+                .is_none_or(|prefix| c.client.starts_with(prefix))
     }
 
     fn sort(&self, list: &mut [ConnectionView]) {

@@ -310,12 +310,15 @@ fn same_set(a: &Option<Arc<Keys>>, b: &Option<Arc<Keys>>) -> bool {
     }
 }
 
+/// A URL and the DER of the CA certificates its fetches trust.
+type SetKey = (String, Vec<Vec<u8>>);
+
 /// Every URL key set in use, by URL and CA, so a reload that keeps a URL keeps its keys
 /// (and does not fetch it again). Sets no configuration uses any more are dropped, and
 /// their refresh tasks end.
 #[derive(Debug, Default)]
 pub struct JwksCache {
-    sets: Mutex<HashMap<(String, Vec<Vec<u8>>), Weak<RemoteJwks>>>,
+    sets: Mutex<HashMap<SetKey, Weak<RemoteJwks>>>,
 }
 
 impl JwksCache {

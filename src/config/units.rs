@@ -205,7 +205,7 @@ pub fn format_rate(rate: Option<Rate>) -> String {
 /// Formats a byte count with the largest binary unit that divides it exactly ("1MiB", "1500B").
 pub fn format_size(bytes: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes != 0 && bytes % size == 0 {
+        if bytes != 0 && bytes.is_multiple_of(size) {
             return format!("{}{}", bytes / size, unit);
         }
     }

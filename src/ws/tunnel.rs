@@ -614,7 +614,7 @@ impl Half {
 
     /// Between two frames of the input (bytes may still wait in the pipe).
     fn at_boundary(&self) -> bool {
-        self.frame_left == 0 && !self.splice.as_ref().is_some_and(|s| s.left > 0)
+        self.frame_left == 0 && self.splice.as_ref().is_none_or(|s| s.left == 0)
     }
 
     /// Whether everything approved and queued is written (or can never be: `dst` failed or
