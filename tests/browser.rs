@@ -7,6 +7,8 @@
 //! `.ci/run` installs Chromium with apt-get; where it is missing the test says so and
 //! skips.
 
+#[path = "support/jwt.rs"]
+mod jwt;
 mod support;
 
 use std::convert::Infallible;
@@ -34,9 +36,13 @@ use support::{spawn_proxy, spawn_ws_upstream, within, AbortOnDrop, Proxy, TestCa
 const PAGE: &str = r#"<!doctype html>
 <html><head><title>loading</title></head><body>
 <script>
-const ws = new WebSocket(`wss://${location.host}/ws`);
-ws.onopen = () => ws.send("hello from the page");
-ws.onmessage = (e) => { document.title = "echo: " + e.data; };
+// With ?token=JWT the page authenticates the browser way: the token as its subprotocol.
+const token = new URLSearchParams(location.search).get("token");
+const ws = token
+  ? new WebSocket(`wss://${location.host}/ws-auth`, [token])
+  : new WebSocket(`wss://${location.host}/ws`);
+ws.onopen = () => ws.send(token ? "hello with a token" : "hello from the page");
+ws.onmessage = (e) => { document.title = "echo: " + e.data + (ws.protocol === token ? " (protocol ok)" : ""); };
 ws.onerror = () => { document.title = "error"; };
 ws.onclose = (e) => { document.title = "closed " + e.code; };
 </script>
@@ -264,4 +270,62 @@ async fn chromium_opens_its_websocket_over_http2_and_over_http1() {
     let conn = connection_on(&proxy, "h1").await;
     assert_eq!(conn["http_version"], "1.1", "{conn}");
     assert_eq!(browser.title("echo: ").await, "echo: hello from the page");
+}
+
+#[tokio::test]
+async fn chromium_authenticates_with_its_token_as_the_subprotocol() {
+    let Some(binary) = chromium() else {
+        eprintln!(
+            "SKIPPED chromium_authenticates_with_its_token_as_the_subprotocol: no Chromium at \
+             /usr/bin/chromium (install Debian's chromium package; .ci/run does)"
+        );
+        return;
+    };
+    let ws = spawn_ws_upstream().await;
+    let (page, _page_server) = spawn_page_server().await;
+    let dir = TestDir::new();
+    let ca = TestCa::new();
+    ca.issue(&["localhost"]).write(&dir, "site");
+    let key = jwt::Signer::ec("browser");
+    dir.write("jwks.json", jwt::jwks(&[&key]));
+    let toml = format!(
+        "[listeners.h2]\nbind = \"127.0.0.1:0\"\nhttp2 = true\n\
+         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
+         [listeners.h1]\nbind = \"127.0.0.1:0\"\n\
+         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
+         [upstreams.echo]\nservers = [\"{}\"]\n\n\
+         [upstreams.pages]\nservers = [\"{page}\"]\n\n\
+         [routes.ws]\npath = \"/ws-auth\"\nupstream = \"echo\"\n\
+         [routes.ws.auth]\njwt = {{ jwks = \"jwks.json\", from = [\"protocol\"] }}\n\n\
+         [routes.pages]\npath = \"/\"\nupstream = \"pages\"\n",
+        ws.addr
+    );
+    let proxy = spawn_proxy(&toml, &dir).await;
+    let profile = TestDir::new();
+    let mut browser = Browser::launch(&binary, profile.path()).await;
+    let token = key.sign(&json!({"sub": "browser", "exp": jwt::now() + 600}));
+
+    for listener in ["h2", "h1"] {
+        let url = format!(
+            "https://localhost:{}/?token={token}",
+            proxy.addr(listener).port()
+        );
+        if listener == "h2" {
+            browser.open(&url).await;
+        } else {
+            browser.navigate(&url).await;
+        }
+        assert_eq!(
+            browser.title("echo: ").await,
+            "echo: hello with a token (protocol ok)",
+            "over {listener}"
+        );
+        let conn = connection_on(&proxy, listener).await;
+        assert_eq!(conn["route"], "ws", "{conn}");
+        assert_eq!(
+            conn["subprotocol"],
+            Value::Null,
+            "the token is never shown: {conn}"
+        );
+    }
 }
