@@ -250,6 +250,26 @@ async fn every_bad_token_gets_401_with_its_reason_and_never_reaches_the_upstream
             "invalid",
         ),
         (
+            "no issuer",
+            keys.ec.sign(&{
+                c = claims("x");
+                c.as_object_mut().unwrap().remove("iss");
+                c.clone()
+            }),
+            "wrong issuer",
+            "invalid",
+        ),
+        (
+            "no audience",
+            keys.ed.sign(&{
+                c = claims("x");
+                c.as_object_mut().unwrap().remove("aud");
+                c.clone()
+            }),
+            "wrong audience",
+            "invalid",
+        ),
+        (
             "exp as a string",
             keys.ec.sign(&{
                 c = claims("x");

@@ -85,15 +85,19 @@ impl JwtAuth {
         validation.required_spec_claims.clear();
         validation.validate_exp = true;
         validation.validate_nbf = true;
+        // A configured issuer or audience is also required: jsonwebtoken alone would let
+        // a token without the claim through.
         if config.issuers.is_empty() {
             validation.iss = None;
         } else {
             validation.set_issuer(&config.issuers);
+            validation.required_spec_claims.insert("iss".to_string());
         }
         if config.audiences.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&config.audiences);
+            validation.required_spec_claims.insert("aud".to_string());
         }
         JwtAuth {
             keys,
@@ -169,6 +173,8 @@ impl JwtAuth {
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 ErrorKind::InvalidIssuer => TokenError::Issuer,
                 ErrorKind::InvalidAudience => TokenError::Audience,
+                ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => TokenError::Issuer,
+                ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => TokenError::Audience,
                 ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => TokenError::Algorithm,
                 _ => TokenError::Malformed,
             })?;
