@@ -76,11 +76,12 @@ impl ForwardAuth {
         let mut req = Request::new(Empty::<Bytes>::new());
         // Over HTTP/2 a WebSocket is a CONNECT; to the auth service it is the GET it
         // stands for.
-        *req.method_mut() = if method == Method::CONNECT {
+        let method = if method == Method::CONNECT {
             Method::GET
         } else {
             method.clone()
         };
+        *req.method_mut() = method.clone();
         *req.uri_mut() = self.url.clone();
         let h = req.headers_mut();
         for (name, value) in original {
