@@ -13,12 +13,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::jwks::JwksCache;
 use crate::auth::RouteAuth;
-use crate::config::{Config, Limits, RouteConfig, RouteTarget, Timeouts};
+use crate::config::{Config, Limits, RouteConfig, RouteTarget, Secret, Timeouts};
 use crate::error::HeadRefusal;
 use crate::limits::Admission;
 use crate::listener::pending::PendingHeads;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::Router;
+use crate::status::History;
 use crate::upstream::Upstream;
 pub use crate::ws::record::Connections;
 
@@ -43,6 +44,8 @@ pub struct Gateway {
     pub limits: Limits,
     /// `[runtime] splice`: large frames between plain TCP sockets bypass wsgate's memory.
     pub splice: bool,
+    /// `[admin] token_file`'s token, when set.
+    pub admin_token: Option<Secret>,
     /// Stops this generation's health checks when the gateway is dropped (after a reload,
     /// once the last request holding it is done).
     _health_checks: DropGuard,
@@ -82,6 +85,7 @@ impl Gateway {
             timeouts: config.timeouts,
             limits: config.limits,
             splice: config.runtime.splice,
+            admin_token: config.admin.token.clone(),
             _health_checks: stop.drop_guard(),
         }
     }
@@ -107,6 +111,10 @@ pub struct Shared {
     pub pending_heads: Arc<PendingHeads>,
     /// Key sets fetched from URLs; they outlive reloads that keep the URL.
     pub jwks: JwksCache,
+    /// The status page's hour of history (the close ring is in `connections`).
+    pub history: History,
+    /// When the process started serving.
+    pub started: std::time::Instant,
 }
 
 impl Shared {
@@ -116,6 +124,8 @@ impl Shared {
         Shared {
             gateway: ArcSwap::from_pointee(Gateway::new(config, &metrics, &jwks)),
             jwks,
+            history: History::default(),
+            started: std::time::Instant::now(),
             metrics,
             next_id: AtomicU64::new(1),
             tunnels: TaskTracker::new(),

@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod shutdown;
+pub mod status;
 pub mod upstream;
 pub mod ws;
 

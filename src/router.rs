@@ -43,6 +43,13 @@ impl<T> Router<T> {
         Router { groups }
     }
 
+    /// Every route, in lookup order.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<T>> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.routes.iter().map(|(_, v)| v))
+    }
+
     /// Finds the route for `host` (as sent: any case, optional port) and `path` (no query).
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<T>> {
         let host = normalize_host(host);

@@ -69,6 +69,9 @@ pub struct RuntimeConfig {
 pub struct AdminConfig {
     /// Default 127.0.0.1:9090.
     pub bind: SocketAddr,
+    /// `token_file`: the bearer token every admin endpoint but /metrics, /healthz and
+    /// /readyz asks for. Required when `bind` is not a loopback address.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug)]

@@ -101,6 +101,7 @@ pub struct RawRuntime {
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub struct RawAdmin {
     pub bind: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
 }
 
 /// `[listeners.NAME]`

@@ -34,10 +34,13 @@ use super::values::{
 };
 use super::{
     AdminConfig, Builtin, CertKey, Config, HealthCheck, HostMatch, Limits, ListenerConfig,
-    LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig, ServerAddr, SniCert,
-    Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
+    LogConfig, LogFormat, Rate, RouteConfig, RouteTarget, RuntimeConfig, Secret, ServerAddr,
+    SniCert, Timeouts, TlsConfig, UpstreamConfig, UpstreamTls,
 };
 pub use auth::token_source;
+
+/// Shortest admin token accepted: 16 random characters cannot be guessed over a network.
+const MIN_ADMIN_TOKEN: usize = 16;
 
 /// Most tokio worker threads accepted. More is a typo or a misunderstanding (threads beyond
 /// the core count only add contention), and it bounds memory spent on thread stacks.
@@ -207,16 +210,54 @@ impl Checker<'_> {
         let mut admin = CheckedAdmin {
             config: AdminConfig {
                 bind: defaults::ADMIN_BIND,
+                token: None,
             },
             span: None,
         };
-        if let Some(bind) = raw.and_then(|r| r.bind) {
-            if let Some(addr) = self.parse(&bind, "address", "for admin.bind", |b| parse_bind(b)) {
+        let Some(raw) = raw else { return admin };
+        if let Some(bind) = &raw.bind {
+            if let Some(addr) = self.parse(bind, "address", "for admin.bind", |b| parse_bind(b)) {
                 admin.config.bind = addr;
                 admin.span = Some(bind.span());
             }
         }
+        if let Some(file) = &raw.token_file {
+            admin.config.token = self.admin_token(file);
+        }
+        if let (Some(bind), None, None) = (&raw.bind, &raw.token_file, &admin.config.token) {
+            if !admin.config.bind.ip().is_loopback() {
+                self.report(
+                    bind.span(),
+                    format!(
+                        "admin.bind {} is reachable from other machines: set admin.token_file (a file holding a bearer token) so only its holders can list and close connections and reload; /metrics, /healthz and /readyz stay open",
+                        admin.config.bind
+                    ),
+                );
+            }
+        }
         admin
+    }
+
+    /// `[admin] token_file`: at least [`MIN_ADMIN_TOKEN`] characters, the trailing newline
+    /// an editor or `echo` adds not counted.
+    fn admin_token(&mut self, file: &Spanned<String>) -> Option<Secret> {
+        let mut bytes = self.read_file(file, "token", "admin.token_file")?;
+        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            bytes.pop();
+        }
+        let printable = bytes.iter().all(|b| b.is_ascii_graphic());
+        if bytes.len() < MIN_ADMIN_TOKEN || !printable {
+            self.report(
+                file.span(),
+                format!(
+                    "the token in {:?} for admin.token_file must be at least {MIN_ADMIN_TOKEN} printable characters without spaces (e.g. `openssl rand -hex 32 > {}`)",
+                    file.get_ref(),
+                    file.get_ref()
+                ),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
     }
 
     // ----- [timeouts] and [limits] -----

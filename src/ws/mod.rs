@@ -104,6 +104,15 @@ pub async fn run(tunnel: BoxedTunnel, record: Arc<ConnRecord>, connections: &Con
         }
     }
     metrics.connections_active.dec();
+    connections.ended.push(crate::status::Ended {
+        id: record.identity.id,
+        client: record.identity.client,
+        route: &record.identity.route,
+        closed_by: outcome.initiator.label(),
+        code: outcome.code,
+        reason: &outcome.reason,
+        duration: record.identity.started.elapsed(),
+    });
     access_log(&record, &outcome);
 }
 

@@ -117,6 +117,8 @@ impl ConnRecord {
 #[derive(Debug, Default)]
 pub struct Connections {
     map: Mutex<HashMap<u64, Arc<ConnRecord>>>,
+    /// The last connection ends, for the status page.
+    pub ended: crate::status::CloseRing,
 }
 
 impl Connections {

@@ -1,5 +1,8 @@
 //! The admin listener: Prometheus metrics, health and readiness, the live connection list,
-//! closing one connection, and reload. Never on a public port unless configured so.
+//! closing one connection, reload, and the status page with its data (`status`). Never on
+//! a public port unless configured so, and then only with `token_file`.
+
+pub mod status;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -7,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -49,17 +52,23 @@ pub async fn serve(
         let reload = reload.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let events_stop = stop.clone();
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 let reload = reload.clone();
+                let stop = events_stop.clone();
                 async move {
-                    if let Some(refusal) = cross_site_refusal(&req) {
-                        return Ok::<_, Infallible>(refusal);
+                    let refusal = cross_site_refusal(&req).or_else(|| token_refusal(&req, &shared));
+                    if let Some(refusal) = refusal {
+                        return Ok::<_, Infallible>(refusal.map(Either::Left));
+                    }
+                    if req.uri().path() == "/events" && req.method() == Method::GET {
+                        return Ok(events(shared, stop));
                     }
                     if req.uri().path() == "/reload" && req.method() == Method::POST {
-                        return Ok::<_, Infallible>(reload_now(reload).await);
+                        return Ok(reload_now(reload).await.map(Either::Left));
                     }
-                    Ok::<_, Infallible>(route(req, &shared))
+                    Ok(route(req, &shared).map(Either::Left))
                 }
             });
             let conn = http1::Builder::new()
@@ -117,6 +126,88 @@ fn cross_site_refusal<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
     }
 }
 
+/// The status page: HTML, CSS and JavaScript in one file, no external assets.
+const PAGE: &str = include_str!("page.html");
+
+/// Endpoints that stay open with `token_file`: Prometheus and the kubelet cannot send it.
+const OPEN_PATHS: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
+
+/// With `[admin] token_file`, every endpoint but [`OPEN_PATHS`] needs
+/// `Authorization: Bearer TOKEN`: 401 otherwise. The page's 401 carries the page itself,
+/// which then asks for the token and sends it with every call.
+fn token_refusal<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Full<Bytes>>> {
+    let gateway = shared.gateway.load();
+    let token = gateway.admin_token.as_ref()?;
+    if OPEN_PATHS.contains(&req.uri().path()) {
+        return None;
+    }
+    let offered = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().as_bytes());
+    if offered.is_some_and(|t| same_secret(t, &token.0)) {
+        return None;
+    }
+    let mut response = if req.uri().path() == "/" && req.method() == Method::GET {
+        page()
+    } else {
+        text(
+            StatusCode::UNAUTHORIZED,
+            "this admin listener needs its token: send Authorization: Bearer TOKEN (the contents of admin.token_file)\n",
+        )
+    };
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"wsgate admin\""),
+    );
+    Some(response)
+}
+
+/// Compares without stopping at the first difference, so response times do not tell how
+/// much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /`.
+fn page() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Nothing is loaded from anywhere, and no other site may frame the close buttons.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    response
+}
+
+/// The body of any admin answer: a whole text or JSON, or the event stream.
+type AdminBody = Either<Full<Bytes>, status::EventStream>;
+
+/// `GET /events`.
+fn events(shared: Arc<Shared>, stop: CancellationToken) -> Response<AdminBody> {
+    let mut response = Response::new(Either::Right(status::EventStream::new(shared, stop)));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// `POST /reload`: file reads and certificate parsing run off the async workers.
 async fn reload_now(reload: Option<Arc<Reloader>>) -> Response<Full<Bytes>> {
     let Some(reload) = reload else {
@@ -143,6 +234,13 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
     match path {
+        "/" => only(method, &Method::GET, page),
+        "/status" => only(method, &Method::GET, || {
+            json(StatusCode::OK, &status::view(shared))
+        }),
+        "/events" => only(method, &Method::GET, || {
+            text(StatusCode::INTERNAL_SERVER_ERROR, "unreachable\n")
+        }),
         "/metrics" => only(method, &Method::GET, || {
             let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             response.headers_mut().insert(
@@ -330,10 +428,18 @@ enum SortKey {
     PingRtt,
     Route,
     Client,
+    Listener,
+    Server,
+    HttpVersion,
+    Subprotocol,
+    BytesClientToUpstream,
+    BytesUpstreamToClient,
+    FramesClientToUpstream,
+    FramesUpstreamToClient,
 }
 
 impl SortKey {
-    const NAMES: &'static str = "id, age, idle, bytes, frames, ping_rtt, route, client";
+    const NAMES: &'static str = "id, age, idle, bytes, frames, ping_rtt, route, client, listener, server, http_version, subprotocol, bytes_client_to_upstream, bytes_upstream_to_client, frames_client_to_upstream, frames_upstream_to_client";
 
     fn parse(name: &str) -> Option<SortKey> {
         Some(match name {
@@ -345,6 +451,14 @@ impl SortKey {
             "ping_rtt" => SortKey::PingRtt,
             "route" => SortKey::Route,
             "client" => SortKey::Client,
+            "listener" => SortKey::Listener,
+            "server" | "upstream" => SortKey::Server,
+            "http_version" => SortKey::HttpVersion,
+            "subprotocol" => SortKey::Subprotocol,
+            "bytes_client_to_upstream" => SortKey::BytesClientToUpstream,
+            "bytes_upstream_to_client" => SortKey::BytesUpstreamToClient,
+            "frames_client_to_upstream" => SortKey::FramesClientToUpstream,
+            "frames_upstream_to_client" => SortKey::FramesUpstreamToClient,
             _ => return None,
         })
     }
@@ -428,6 +542,22 @@ impl ListQuery {
                     .total_cmp(&b.ping_rtt_ms.unwrap_or(-1.0)),
                 SortKey::Route => a.route.cmp(b.route),
                 SortKey::Client => a.client.cmp(&b.client),
+                SortKey::Listener => a.listener.cmp(b.listener),
+                SortKey::Server => (a.upstream, a.server).cmp(&(b.upstream, b.server)),
+                SortKey::HttpVersion => a.http_version.cmp(b.http_version),
+                SortKey::Subprotocol => a.subprotocol.cmp(&b.subprotocol),
+                SortKey::BytesClientToUpstream => {
+                    a.bytes_client_to_upstream.cmp(&b.bytes_client_to_upstream)
+                }
+                SortKey::BytesUpstreamToClient => {
+                    a.bytes_upstream_to_client.cmp(&b.bytes_upstream_to_client)
+                }
+                SortKey::FramesClientToUpstream => a
+                    .frames_client_to_upstream
+                    .cmp(&b.frames_client_to_upstream),
+                SortKey::FramesUpstreamToClient => a
+                    .frames_upstream_to_client
+                    .cmp(&b.frames_upstream_to_client),
             }
             .then(a.id.cmp(&b.id));
             if self.descending {
@@ -500,7 +630,7 @@ mod tests {
             (None, None, SortKey::Id, false, usize::MAX, 0)
         );
         for (query, problem) in [
-            ("sort=size", "invalid sort \"size\": expected one of id, age, idle, bytes, frames, ping_rtt, route, client (- for descending)"),
+            ("sort=size", "invalid sort \"size\": expected one of id, age, idle, bytes, frames, ping_rtt, route, client, listener, server, http_version, subprotocol, bytes_client_to_upstream, bytes_upstream_to_client, frames_client_to_upstream, frames_upstream_to_client (- for descending)"),
             ("limit=ten", "invalid limit \"ten\": expected a whole number"),
             ("offset=-1", "invalid offset \"-1\": expected a whole number"),
             ("page=2", "unknown parameter \"page\": expected route, client, sort, limit or offset"),
