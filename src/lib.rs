@@ -132,6 +132,7 @@ impl Wsgate {
             )));
         }
         let admin_stop = CancellationToken::new();
+        let sampler = tokio::spawn(admin::status::sample(shared.clone(), admin_stop.clone()));
         info!(addr = %admin.local_addr()?, "admin listening");
         let admin_task = tokio::spawn(admin::serve(
             admin,
@@ -148,6 +149,7 @@ impl Wsgate {
         shutdown::drain(&shared, &connections).await;
         admin_stop.cancel();
         let _ = admin_task.await;
+        let _ = sampler.await;
         Ok(())
     }
 }

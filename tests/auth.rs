@@ -342,6 +342,11 @@ async fn every_bad_token_gets_401_with_its_reason_and_never_reaches_the_upstream
     assert_eq!(answer.status, 401);
     assert_eq!(answer.header("www-authenticate"), Some("Bearer"));
     assert_one_line(&answer.body_text());
+    // A broken handshake is a 400 whatever its token: handshake checks come before auth.
+    let mut broken = ws_headers("chat.test");
+    remove_header(&mut broken, "Sec-WebSocket-Key");
+    let answer = raw_exchange(addr, &http_request("GET", "/ws", &broken)).await;
+    assert_eq!(answer.status, 400, "{}", answer.body_text());
     // A Basic Authorization is not a bearer token.
     let mut headers = ws_headers("chat.test");
     headers.push(("Authorization", "Basic dXNlcjpwdw=="));

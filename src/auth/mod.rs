@@ -49,12 +49,21 @@ impl std::fmt::Debug for RouteAuth {
 /// What a passed check leaves for the connection.
 #[derive(Debug, Default)]
 pub struct Grant {
-    /// `close_on_expiry`: the time left until the token's `exp` + leeway.
-    pub expires_in: Option<Duration>,
+    /// `close_on_expiry`: when the token's `exp` + leeway passes.
+    pub expires_at: Option<tokio::time::Instant>,
     /// The token came as the client's only `Sec-WebSocket-Protocol` entry: a browser fails
     /// the connection unless the 101 names an entry it offered, so wsgate names this one
     /// when the upstream (which never saw it) chose none.
     pub protocol_token: Option<String>,
+}
+
+impl Grant {
+    /// The time left from now to the token's expiry, taken when the tunnel starts so the
+    /// upstream's handshake time is not added to it.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.expires_at
+            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+    }
 }
 
 /// A request auth refused: the answer and how it is counted.
@@ -167,7 +176,9 @@ impl RouteAuth {
                 .ok_or_else(Refusal::missing)?;
             let claims = jwt.verify(&token).await.map_err(Refusal::token)?;
             if self.close_on_expiry {
-                grant.expires_in = claims.exp.map(|exp| jwt::time_left(exp, jwt.leeway));
+                grant.expires_at = claims
+                    .exp
+                    .map(|exp| tokio::time::Instant::now() + jwt::time_left(exp, jwt.leeway));
             }
             verified = Some((token, found, claims.claims));
         }

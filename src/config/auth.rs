@@ -140,9 +140,19 @@ impl Checker<'_> {
             .as_ref()
             .and_then(|list| self.algorithms(list, key, &raw));
         let leeway = match &raw.leeway {
-            Some(v) => self
-                .duration(v, &format!("{key}.leeway"))
-                .unwrap_or(defaults::JWT_LEEWAY),
+            Some(v) => {
+                match self.duration(v, &format!("{key}.leeway")) {
+                    Some(d) if d.subsec_nanos() != 0 => {
+                        self.report(
+                        v.span(),
+                        format!("{key}.leeway must be whole seconds (exp and nbf are), e.g. \"30s\""),
+                    );
+                        defaults::JWT_LEEWAY
+                    }
+                    Some(d) => d,
+                    None => defaults::JWT_LEEWAY,
+                }
+            }
             None => defaults::JWT_LEEWAY,
         };
         let issuers = self.claim_values(raw.issuer, &format!("{key}.issuer"));

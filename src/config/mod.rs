@@ -242,7 +242,7 @@ pub struct RouteConfig {
 pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
     pub forward: Option<ForwardConfig>,
-    /// (claim, lower-cased header name), in the order written.
+    /// (claim, lower-cased header name), sorted by claim.
     pub claims_to_headers: Vec<(String, String)>,
     /// Close a WebSocket at its token's `exp` + leeway (only with `jwt`).
     pub close_on_expiry: bool,

@@ -165,9 +165,13 @@ pub fn admit(shared: &Shared, conn: &ConnContext) -> Result<Permit, ProxyError> 
         .map_err(ProxyError::Limited)
 }
 
-/// An upgrade request, and what auth granted it.
+/// An upgrade that passed the handshake checks, the limits and auth.
 pub struct Upgrade {
     pub kind: UpgradeKind,
+    /// The key for the upstream (see [`validate`]).
+    pub key: HeaderValue,
+    /// Counts the connection in `[limits]` until dropped.
+    pub permit: Permit,
     pub grant: Grant,
 }
 
@@ -181,9 +185,12 @@ pub async fn forward(
     host: Option<&str>,
     upgrade: Upgrade,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Upgrade { kind, grant } = upgrade;
-    let key = validate(&req, &route, kind)?;
-    let permit = admit(&shared, &conn)?;
+    let Upgrade {
+        kind,
+        key,
+        permit,
+        grant,
+    } = upgrade;
     let mut headers = upstream_headers(&req, &conn, host);
     headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
     if let Balance::Cookie(name) = &upstream.balance {
@@ -307,7 +314,7 @@ pub async fn forward(
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
         )
-        .expiring(grant.expires_in);
+        .expiring(grant.time_left());
     debug!(id = record.identity.id, route = %route.name, server = %server.label, "upgraded");
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {

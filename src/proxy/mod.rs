@@ -62,9 +62,28 @@ pub async fn handle(
     let http1 = req.version() < ::http::Version::HTTP_2;
     let started = Instant::now();
     let mut req = req;
-    let result = match authenticate(&mut req, &route, &conn, host.as_deref(), kind).await {
+    // An upgrade is checked and admitted before auth: a malformed handshake is a 400
+    // whatever its token, and the limits keep a flood from one address away from the key
+    // checks and the auth service.
+    let admitted = match kind {
+        Some(kind) => handshake::validate(&req, &route, kind)
+            .and_then(|key| Ok(Some((kind, key, handshake::admit(&shared, &conn)?)))),
+        None => Ok(None),
+    };
+    let result = match admitted {
         Err(e) => Err(e),
-        Ok(grant) => serve(req, &route, &conn, &shared, host.as_deref(), kind, grant).await,
+        Ok(admitted) => match authenticate(&mut req, &route, &conn, host.as_deref()).await {
+            Err(e) => Err(e),
+            Ok(grant) => {
+                let upgrade = admitted.map(|(kind, key, permit)| handshake::Upgrade {
+                    kind,
+                    key,
+                    permit,
+                    grant,
+                });
+                serve(req, &route, &conn, &shared, host.as_deref(), upgrade).await
+            }
+        },
     };
 
     let (response, handshake_result) = match result {
@@ -107,21 +126,17 @@ pub async fn handle(
     Ok(response)
 }
 
-/// `[routes.X.auth]`, when the route has it: the Origin check first (design.md: after
-/// routing and Origin), then the credentials. Counted in `wsgate_auth_total`.
+/// `[routes.X.auth]`, when the route has it (after routing and, for an upgrade, the
+/// handshake checks with Origin and the limits). Counted in `wsgate_auth_total`.
 async fn authenticate<B>(
     req: &mut Request<B>,
     route: &Route,
     conn: &ConnContext,
     host: Option<&str>,
-    kind: Option<handshake::UpgradeKind>,
 ) -> Result<Grant, ProxyError> {
     let Some(auth) = &route.auth else {
         return Ok(Grant::default());
     };
-    if kind.is_some() {
-        handshake::check_origin(req.headers(), route)?;
-    }
     let client = ClientInfo {
         ip: conn.client.ip(),
         proto: conn.proto(),
@@ -140,40 +155,28 @@ async fn authenticate<B>(
     }
 }
 
-/// Answers a request that passed routing (and auth): builtin, upgrade or plain request.
+/// Answers a request that passed routing, the handshake checks and auth: builtin,
+/// upgrade or plain request.
 async fn serve(
     req: Request<Incoming>,
     route: &Arc<Route>,
     conn: &Arc<ConnContext>,
     shared: &Arc<Shared>,
     host: Option<&str>,
-    kind: Option<handshake::UpgradeKind>,
-    grant: Grant,
+    upgrade: Option<handshake::Upgrade>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let http1 = req.version() < ::http::Version::HTTP_2;
-    match (&route.config.target, &route.upstream, kind) {
-        (RouteTarget::Builtin(Builtin::Echo), _, Some(kind)) => {
-            let key = handshake::validate(&req, route, kind)?;
-            let permit = handshake::admit(shared, conn)?;
-            Ok(upgraded::accept_echo(
-                req,
-                route,
-                conn,
-                shared,
-                (kind, &key),
-                permit,
-                grant,
-            ))
+    match (&route.config.target, &route.upstream, upgrade) {
+        (RouteTarget::Builtin(Builtin::Echo), _, Some(upgrade)) => {
+            Ok(upgraded::accept_echo(req, route, conn, shared, upgrade))
         }
         (RouteTarget::Builtin(_), _, _) => Ok(builtin_plain_answer(http1)),
-        (RouteTarget::Upstream(_), Some(upstream), kind) => {
-            if let Some(kind) = kind {
-                let (route, upstream, conn) = (route.clone(), upstream.clone(), conn.clone());
-                let upgrade = handshake::Upgrade { kind, grant };
-                handshake::forward(req, route, upstream, conn, shared.clone(), host, upgrade).await
-            } else {
-                plain::forward(req, route, upstream, conn, host).await
-            }
+        (RouteTarget::Upstream(_), Some(upstream), Some(upgrade)) => {
+            let (route, upstream, conn) = (route.clone(), upstream.clone(), conn.clone());
+            handshake::forward(req, route, upstream, conn, shared.clone(), host, upgrade).await
+        }
+        (RouteTarget::Upstream(_), Some(upstream), None) => {
+            plain::forward(req, route, upstream, conn, host).await
         }
         (RouteTarget::Upstream(name), None, _) => Err(ProxyError::Internal(format!(
             "route {} names unknown upstream {name}",

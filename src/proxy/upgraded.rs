@@ -12,13 +12,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::auth::Grant;
 use crate::config::Timeouts;
 use crate::gateway::{ConnContext, Route, Shared};
-use crate::limits::Permit;
 use crate::listener::head_guard::HeadGuard;
 use crate::proxy::body::ProxyBody;
-use crate::proxy::handshake::UpgradeKind;
+use crate::proxy::handshake::{Upgrade, UpgradeKind};
 use crate::upstream::{Server, Upstream};
 use crate::ws::record::{ConnRecord, Identity};
 use crate::ws::tunnel::TunnelSettings;
@@ -94,16 +92,20 @@ pub fn accept_echo<B>(
     route: &Route,
     conn: &ConnContext,
     shared: &Arc<Shared>,
-    (kind, key): (UpgradeKind, &HeaderValue),
-    permit: Permit,
-    grant: Grant,
+    upgrade: Upgrade,
 ) -> Response<ProxyBody>
 where
     B: Send + 'static,
 {
+    let Upgrade {
+        kind,
+        key,
+        permit,
+        grant,
+    } = upgrade;
     let on_upgrade = hyper::upgrade::on(req);
     let record = new_record(shared, route, conn, None, None, kind);
-    let settings = tunnel_settings(route.config.timeouts, shared).expiring(grant.expires_in);
+    let settings = tunnel_settings(route.config.timeouts, shared).expiring(grant.time_left());
     let tracked = shared.clone();
     shared.tunnels.spawn(async move {
         let _permit = permit;
@@ -132,7 +134,7 @@ where
         };
         tokio::join!(tunnel, echo);
     });
-    let mut response = super::handshake::accepted(kind, key);
+    let mut response = super::handshake::accepted(kind, &key);
     if let Some(value) = grant
         .protocol_token
         .and_then(|t| HeaderValue::from_str(&t).ok())
