@@ -7,28 +7,24 @@
 //! `.ci/run` installs Chromium with apt-get; where it is missing the test says so and
 //! skips.
 
+#[path = "support/browser.rs"]
+mod browser;
 #[path = "support/jwt.rs"]
 mod jwt;
 mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio::net::TcpListener;
 
+use browser::{chromium, Browser};
 use support::{spawn_proxy, spawn_ws_upstream, within, AbortOnDrop, Proxy, TestCa, TestDir};
 
 /// The page: opens a WebSocket to `/ws` on its own origin, sends one message and shows the
@@ -48,13 +44,6 @@ ws.onclose = (e) => { document.title = "closed " + e.code; };
 </script>
 </body></html>
 "#;
-
-fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
 
 /// An HTTP/1.1 server answering every request with the page.
 async fn spawn_page_server() -> (SocketAddr, AbortOnDrop) {
@@ -79,128 +68,6 @@ async fn spawn_page_server() -> (SocketAddr, AbortOnDrop) {
         }
     });
     (addr, AbortOnDrop(task))
-}
-
-/// A headless Chromium and a DevTools session on one of its pages.
-struct Browser {
-    _child: Child,
-    devtools: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    session: Option<String>,
-    next_id: u64,
-}
-
-impl Browser {
-    async fn launch(binary: &Path, profile: &Path) -> Browser {
-        let mut child = Command::new(binary)
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--ignore-certificate-errors",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let url = within("Chromium's DevTools address", async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(url) = line.strip_prefix("DevTools listening on ") {
-                    return url.trim().to_string();
-                }
-            }
-            panic!("Chromium exited without a DevTools address");
-        })
-        .await;
-        // Keep draining Chromium's log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (devtools, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .unwrap_or_else(|e| panic!("DevTools at {url}: {e}"));
-        Browser {
-            _child: child,
-            devtools,
-            session: None,
-            next_id: 0,
-        }
-    }
-
-    /// Sends one DevTools command and returns its result.
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut message = json!({ "id": id, "method": method, "params": params });
-        if let Some(session) = &self.session {
-            message["sessionId"] = json!(session);
-        }
-        self.devtools
-            .send(Message::text(message.to_string()))
-            .await
-            .expect("DevTools send");
-        within(method, async {
-            while let Some(Ok(message)) = self.devtools.next().await {
-                let Message::Text(text) = message else {
-                    continue;
-                };
-                let value: Value = serde_json::from_str(&text).expect("DevTools JSON");
-                if value["id"] == json!(id) {
-                    if let Some(error) = value.get("error") {
-                        panic!("{method}: {error}");
-                    }
-                    return value["result"].clone();
-                }
-            }
-            panic!("DevTools connection ended during {method}");
-        })
-        .await
-    }
-
-    /// Opens `url` in a new page and attaches to it.
-    async fn open(&mut self, url: &str) {
-        let target = self
-            .call("Target.createTarget", json!({ "url": url }))
-            .await;
-        let attached = self
-            .call(
-                "Target.attachToTarget",
-                json!({ "targetId": target["targetId"], "flatten": true }),
-            )
-            .await;
-        self.session = attached["sessionId"].as_str().map(str::to_owned);
-    }
-
-    async fn navigate(&mut self, url: &str) {
-        self.call("Page.navigate", json!({ "url": url })).await;
-    }
-
-    /// Waits until the page's title starts with `prefix`; returns it.
-    async fn title(&mut self, prefix: &str) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let result = self
-                .call(
-                    "Runtime.evaluate",
-                    json!({ "expression": "document.title", "returnByValue": true }),
-                )
-                .await;
-            let title = result["result"]["value"].as_str().unwrap_or("").to_string();
-            if title.starts_with(prefix) {
-                return title;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the page's title is still {title:?}"
-            );
-            // Polling the page: there is no event for "the title changed" worth wiring up.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 async fn connections(proxy: &Proxy) -> Value {

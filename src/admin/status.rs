@@ -57,6 +57,8 @@ pub struct RouteView {
 #[derive(Debug, Serialize)]
 pub struct UpstreamView {
     pub name: String,
+    /// Whether active health checks run; without them every server counts as healthy.
+    pub health_checks: bool,
     pub servers: Vec<ServerView>,
 }
 
@@ -167,6 +169,7 @@ pub fn view(shared: &Shared) -> StatusView {
         .values()
         .map(|u| UpstreamView {
             name: u.name.to_string(),
+            health_checks: u.health.is_some(),
             servers: u
                 .servers
                 .iter()

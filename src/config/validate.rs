@@ -1486,6 +1486,56 @@ builtin = "echo"
     }
 
     #[test]
+    fn an_admin_listener_off_loopback_needs_a_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("proxy.toml");
+        std::fs::write(dir.path().join("token"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(dir.path().join("short"), "abc\n").unwrap();
+        let load = |admin: &str| {
+            let text = format!("[admin]\n{admin}\n[listeners.public]\nbind = \"127.0.0.1:8080\"\n[routes.echo]\nbuiltin = \"echo\"\n");
+            std::fs::write(&source, &text).unwrap();
+            Config::load(&source).map_err(|e| {
+                e.diagnostics
+                    .iter()
+                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let problems = load("bind = \"0.0.0.0:9090\"").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("2:8: admin.bind 0.0.0.0:9090 is reachable from other machines: set admin.token_file"),
+            "{problems:?}"
+        );
+        let c = load("bind = \"0.0.0.0:9090\"\ntoken_file = \"token\"").unwrap();
+        assert_eq!(
+            c.admin.token.as_ref().map(|t| t.0.len()),
+            Some(20),
+            "the newline is not part of it"
+        );
+        // Loopback needs none, but may have one.
+        assert!(load("bind = \"[::1]:9090\"").unwrap().admin.token.is_none());
+        assert!(load("token_file = \"token\"")
+            .unwrap()
+            .admin
+            .token
+            .is_some());
+        let problems = load("bind = \"0.0.0.0:9090\"\ntoken_file = \"short\"").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "3:14: the token in \"short\" for admin.token_file must be at least 16"
+            ),
+            "{problems:?}"
+        );
+        let problems = load("token_file = \"missing\"").unwrap_err();
+        assert!(
+            problems[0].contains("cannot read token file \"missing\""),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn runtime_and_log_are_checked() {
         one_problem(
             &with("[runtime]\nworker_threads = 1025\n"),

@@ -236,6 +236,42 @@ impl RawClient {
         }
     }
 
+    /// Reads a response head and leaves the body to [`RawClient::read_until`] (streams).
+    pub async fn read_head_only(&mut self) -> RawResponse {
+        let head = within("a response head", read_head(&mut self.io, &mut self.buf))
+            .await
+            .expect("read a response head")
+            .expect("a response head before the end of the stream");
+        let head = parse_head(&head);
+        let status = head
+            .first_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status code");
+        RawResponse {
+            status,
+            head,
+            body: Vec::new(),
+        }
+    }
+
+    /// Reads until `pattern` arrives; returns the text up to and including it (raw: a
+    /// chunked body's size lines included).
+    pub async fn read_until(&mut self, pattern: &[u8]) -> String {
+        within("a pattern in the stream", async {
+            loop {
+                if let Some(at) = self.buf.windows(pattern.len()).position(|w| w == pattern) {
+                    let taken: Vec<u8> = self.buf.drain(..at + pattern.len()).collect();
+                    return String::from_utf8_lossy(&taken).into_owned();
+                }
+                let want = self.buf.len() + 1;
+                self.fill(want).await.expect("read the stream");
+            }
+        })
+        .await
+    }
+
     /// Reads until the peer closes the connection; returns what arrived and how it ended.
     pub async fn read_until_closed(&mut self) -> (Vec<u8>, Ended) {
         within("the connection to close", async {
