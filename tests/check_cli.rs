@@ -256,3 +256,90 @@ fn unreadable_file() {
         "{stderr}"
     );
 }
+
+/// The TOML inside `deploy/kubernetes/configmap.yaml` (the `proxy.toml: |` block).
+fn configmap_toml() -> String {
+    let yaml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
+    )
+    .expect("read configmap.yaml");
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "proxy.toml: |")
+        .skip(1);
+    let first = lines
+        .clone()
+        .find(|l| !l.trim().is_empty())
+        .expect("a TOML block");
+    let indent = first.len() - first.trim_start().len();
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_config_shipped_in_the_repository_passes() {
+    // The ConfigMap's file, with the Secret's mount point replaced by a file holding a
+    // token as the Secret would (the only path outside the config it names).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("write the token");
+    let toml = configmap_toml();
+    assert!(
+        toml.contains("token_file = \"/etc/wsgate-admin/token\""),
+        "{toml}"
+    );
+    let toml = toml.replace("/etc/wsgate-admin/token", token.to_str().expect("UTF-8"));
+    std::fs::write(dir.path().join("proxy.toml"), &toml).expect("write proxy.toml");
+    let out = check(dir.path(), "proxy.toml");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "configmap.yaml's proxy.toml:\n{}",
+        text(&out.stderr)
+    );
+    // Without the token file it would be refused: the admin listener is on 0.0.0.0.
+    let open = configmap_toml().replace("token_file = \"/etc/wsgate-admin/token\"", "");
+    std::fs::write(dir.path().join("open.toml"), open).expect("write open.toml");
+    let out = check(dir.path(), "open.toml");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is reachable from other machines: set admin.token_file"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The benchmark's template, placeholders filled as benches/proxy.rs does.
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/wsgate.toml"),
+    )
+    .expect("read benches/peers/wsgate.toml");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    std::fs::write(&cert, issued.cert.pem()).expect("write the certificate");
+    std::fs::write(&key, issued.signing_key.serialize_pem()).expect("write the key");
+    let mut filled = template;
+    for (placeholder, value) in [
+        ("{{CERT}}", cert.to_str().expect("UTF-8").to_string()),
+        ("{{KEY}}", key.to_str().expect("UTF-8").to_string()),
+    ] {
+        filled = filled.replace(placeholder, &value);
+    }
+    let mut port = 19000;
+    while let Some(start) = filled.find("{{") {
+        let end = filled[start..].find("}}").expect("a closed placeholder") + start + 2;
+        port += 1;
+        filled.replace_range(start..end, &port.to_string());
+    }
+    std::fs::write(dir.path().join("bench.toml"), filled).expect("write bench.toml");
+    let out = check(dir.path(), "bench.toml");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "benches/peers/wsgate.toml:\n{}",
+        text(&out.stderr)
+    );
+}
