@@ -263,7 +263,7 @@ fn configmap_toml() -> String {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
     )
     .expect("read configmap.yaml");
-    let mut lines = yaml
+    let lines = yaml
         .lines()
         .skip_while(|l| l.trim() != "proxy.toml: |")
         .skip(1);
