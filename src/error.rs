@@ -112,6 +112,13 @@ pub enum ProxyError {
     UpstreamConnectTimeout { upstream: String, timeout_ms: u128 },
     #[error("upstream {upstream:?} did not answer within {timeout_ms} ms")]
     UpstreamTimeout { upstream: String, timeout_ms: u128 },
+    /// `max_pending_handshakes` were in progress for the whole `upstream_handshake`.
+    #[error("upstream {upstream:?} has {limit} WebSocket handshakes in progress (max_pending_handshakes); this one waited {timeout_ms} ms for its turn")]
+    HandshakeQueue {
+        upstream: String,
+        limit: u32,
+        timeout_ms: u128,
+    },
     #[error("upstream {upstream:?} sent a broken answer: {}{source}", server_prefix(.server))]
     UpstreamBroken {
         upstream: String,
@@ -145,9 +152,9 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::Limited(Refusal::MaxConnections) | ProxyError::NoHealthyUpstream { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::Limited(Refusal::MaxConnections)
+            | ProxyError::NoHealthyUpstream { .. }
+            | ProxyError::HandshakeQueue { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Auth(refusal) => refusal.status,
@@ -169,6 +176,7 @@ impl ProxyError {
             | ProxyError::NoHealthyUpstream { .. }
             | ProxyError::UpstreamConnectTimeout { .. }
             | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::HandshakeQueue { .. }
             | ProxyError::UpstreamBroken { .. } => Blame::Upstream,
             ProxyError::Internal(_) => Blame::Internal,
             // The auth service or key server failing is a backend's fault, not the client's.
@@ -218,7 +226,10 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if matches!(self, ProxyError::Limited(_)) {
+        if matches!(
+            self,
+            ProxyError::Limited(_) | ProxyError::HandshakeQueue { .. }
+        ) {
             // Clients with backoff use it; one second matches the rate bucket's refill.
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

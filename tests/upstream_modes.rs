@@ -418,3 +418,95 @@ async fn a_cookie_set_elsewhere_is_hashed_to_one_server() {
     };
     assert_eq!(head.header("cookie"), Some("io=abcd1234~not-ours"));
 }
+
+#[tokio::test]
+async fn max_pending_handshakes_queues_handshakes_then_answers_503() {
+    // An app that accepts connections but never answers: two handshakes hold the two
+    // places, the third waits its turn and gets 503 with Retry-After after
+    // upstream_handshake; the app never sees more than two connections.
+    let mut silent = support::upstreams::spawn_silent_upstream().await;
+    let dir = TestDir::new();
+    let toml = format!(
+        "[timeouts]\nupstream_handshake = \"1s\"\n\n\
+         [listeners.public]\nbind = \"127.0.0.1:0\"\n\n\
+         [upstreams.app]\nservers = [\"{}\"]\nmax_pending_handshakes = 2\n\n\
+         [routes.app]\nupstream = \"app\"\n",
+        silent.addr
+    );
+    let proxy = spawn_proxy(&toml, &dir).await;
+    let addr = proxy.addr("public");
+    let request = support::http_request("GET", "/", &support::ws_headers("app.test"));
+    let started = std::time::Instant::now();
+    let exchanges: Vec<_> = (0..3)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move { support::raw_exchange(addr, &request).await })
+        })
+        .collect();
+    for _ in 0..2 {
+        silent.accepted.next("a handshake reaching the app").await;
+    }
+    let mut statuses = Vec::new();
+    for exchange in exchanges {
+        let answer = exchange.await.expect("the exchange task");
+        if answer.status == 503 {
+            assert_eq!(answer.header("retry-after"), Some("1"));
+            assert!(
+                answer
+                    .body_text()
+                    .contains("has 2 WebSocket handshakes in progress (max_pending_handshakes)"),
+                "{}",
+                answer.body_text()
+            );
+        }
+        statuses.push(answer.status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [503, 504, 504],
+        "two timed out at the app, one in the queue"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        silent.accepted.try_next().is_none(),
+        "the app saw a third connection"
+    );
+}
+
+#[tokio::test]
+async fn queued_handshakes_all_get_through_one_at_a_time() {
+    let upstream = spawn_ws_upstream().await;
+    let dir = TestDir::new();
+    let toml = format!(
+        "{}\n[listeners.public]\nbind = \"127.0.0.1:0\"\n\n\
+         [upstreams.app]\nservers = [\"{}\"]\nmax_pending_handshakes = 1\n\n\
+         [routes.app]\nupstream = \"app\"\n",
+        support::RELAXED_TIMEOUTS,
+        upstream.addr
+    );
+    let proxy = spawn_proxy(&toml, &dir).await;
+    let url = format!("ws://{}/", proxy.addr("public"));
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let (mut ws, _) = support::ws_connect(url).await;
+                let echoed =
+                    support::echo_transcript(&mut ws, &[Message::text(format!("client {i}"))])
+                        .await;
+                assert_eq!(echoed, [Message::text(format!("client {i}"))]);
+            })
+        })
+        .collect();
+    for client in clients {
+        within("a queued client", client)
+            .await
+            .expect("the client task");
+    }
+    assert_eq!(upstream.connections(), 20);
+}

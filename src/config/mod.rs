@@ -164,6 +164,8 @@ pub struct UpstreamConfig {
     pub tls: Option<UpstreamTls>,
     pub health: Option<HealthCheck>,
     pub host_header: HostHeader,
+    /// WebSocket handshakes in progress towards this upstream at once; more wait.
+    pub max_pending_handshakes: u32,
 }
 
 /// The `Host` header an upstream receives (`[upstreams.X] host_header`).
@@ -470,6 +472,10 @@ pub mod defaults {
     pub const ROUTE_PATH: &str = "/";
     /// `[routes.X] strip_prefix`: the upstream sees the path the client asked for.
     pub const ROUTE_STRIP_PREFIX: bool = false;
+    /// `[upstreams.X] max_pending_handshakes`: enough for any steady load (a handshake
+    /// takes a millisecond or two), low enough that a reconnect storm after an app
+    /// restart reaches the app as a queue rather than 10,000 connects at once.
+    pub const MAX_PENDING_HANDSHAKES: u32 = 256;
     /// `[routes.X.auth] jwt.leeway`: clock skew tolerated on `exp` and `nbf`; what Envoy
     /// and most JWT libraries allow.
     pub const JWT_LEEWAY: Duration = Duration::from_secs(30);

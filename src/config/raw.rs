@@ -171,6 +171,7 @@ pub struct RawUpstream {
     pub tls: Option<RawUpstreamTls>,
     pub health: Option<RawHealth>,
     pub host_header: Option<Spanned<String>>,
+    pub max_pending_handshakes: Option<Spanned<i64>>,
 }
 
 /// `tls = { enabled, ca, server_name }` of an upstream.

@@ -39,6 +39,10 @@ use super::{
 };
 pub use auth::token_source;
 
+/// Most `max_pending_handshakes`: tokio's semaphore holds fewer than 2^61 permits; a
+/// million is already more than any server accepts at once.
+const MAX_PENDING_HANDSHAKES_LIMIT: u32 = 1_000_000;
+
 /// Shortest admin token accepted: 16 random characters cannot be guessed over a network.
 const MIN_ADMIN_TOKEN: usize = 16;
 
@@ -791,7 +795,21 @@ impl Checker<'_> {
             Some(tls) => self.upstream_tls(tls, &path)?,
         };
         let health = raw.health.map(|h| self.health(h, &path));
+        let max_pending_handshakes = raw
+            .max_pending_handshakes
+            .and_then(|v| {
+                self.count(
+                    &v,
+                    &format!("{path}.max_pending_handshakes"),
+                    1,
+                    i64::from(MAX_PENDING_HANDSHAKES_LIMIT),
+                )
+            })
+            .map_or(defaults::MAX_PENDING_HANDSHAKES, |n| {
+                u32::try_from(n).unwrap_or(MAX_PENDING_HANDSHAKES_LIMIT)
+            });
         Some(UpstreamConfig {
+            max_pending_handshakes,
             name,
             servers,
             balance: balance.unwrap_or(defaults::BALANCE),

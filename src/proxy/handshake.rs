@@ -201,6 +201,21 @@ pub async fn forward(
     let target = upstream_target(req.uri(), &route)?;
     let timeouts = route.config.timeouts;
 
+    // At most max_pending_handshakes towards this upstream at once; the others wait their
+    // turn (a reconnect storm reaches a restarted app as a queue), for upstream_handshake.
+    let turn = tokio::time::timeout(timeouts.upstream_handshake, upstream.handshakes.acquire());
+    let _turn = match turn.await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => return Err(ProxyError::Internal("handshake queue closed".into())),
+        Err(_) => {
+            return Err(ProxyError::HandshakeQueue {
+                upstream: upstream.name.to_string(),
+                limit: upstream.max_pending_handshakes,
+                timeout_ms: timeouts.upstream_handshake.as_millis(),
+            })
+        }
+    };
+
     let mut last_connect_error = None;
     let mut attempt = None;
     for server in upstream.attempt_order(conn.client.ip(), req.headers()) {

@@ -40,6 +40,9 @@ pub struct Upstream {
     /// `host_header`: `None` keeps the client's `Host`; `Some(None)` sends each server's
     /// own address; `Some(Some(value))` always sends `value`.
     host: Option<Option<HeaderValue>>,
+    /// `max_pending_handshakes`: one permit per WebSocket handshake in progress.
+    pub handshakes: tokio::sync::Semaphore,
+    pub max_pending_handshakes: u32,
 }
 
 /// One server of a pool.
@@ -106,6 +109,8 @@ impl Upstream {
             next: AtomicUsize::new(0),
             tls: config.tls.as_ref().map(UpstreamTlsContext::new),
             health: config.health.clone(),
+            handshakes: tokio::sync::Semaphore::new(config.max_pending_handshakes as usize),
+            max_pending_handshakes: config.max_pending_handshakes,
             host: match &config.host_header {
                 HostHeader::Preserve => None,
                 HostHeader::Upstream => Some(None),
