@@ -1694,6 +1694,21 @@ builtin = "echo"
     }
 
     #[test]
+    fn max_pending_handshakes_is_checked() {
+        let c = config(&with("[upstreams.x]\nservers = [\"127.0.0.1:1\"]\n"));
+        assert_eq!(c.upstream("x").unwrap().max_pending_handshakes, 256);
+        let c = config(&with(
+            "[upstreams.x]\nservers = [\"127.0.0.1:1\"]\nmax_pending_handshakes = 1\n",
+        ));
+        assert_eq!(c.upstream("x").unwrap().max_pending_handshakes, 1);
+        one_problem(
+            &with("[upstreams.x]\nservers = [\"127.0.0.1:1\"]\nmax_pending_handshakes = 0\n"),
+            "proxy.toml:12:26: ",
+            "invalid upstreams.x.max_pending_handshakes 0: expected between 1 and 1000000",
+        );
+    }
+
+    #[test]
     fn upstream_servers_are_checked() {
         one_problem(
             &with("[upstreams.none]\nservers = []\n"),
