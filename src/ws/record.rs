@@ -113,10 +113,17 @@ impl ConnRecord {
     }
 }
 
+/// Shards of the registry: handshakes on different worker threads rarely meet on one lock.
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<u64, Arc<ConnRecord>>>;
+
 /// The live WebSocket connections, by id: what the admin API lists and drain closes.
+/// Sharded by id, so registering and unregistering (once per connection each) take one
+/// of 16 locks rather than one process-wide lock.
 #[derive(Debug, Default)]
 pub struct Connections {
-    map: Mutex<HashMap<u64, Arc<ConnRecord>>>,
+    shards: [Shard; SHARDS],
     /// The last connection ends, for the status page.
     pub ended: crate::status::CloseRing,
 }
@@ -125,7 +132,7 @@ impl Connections {
     /// Adds a connection until the returned guard is dropped.
     pub fn register(&self, record: Arc<ConnRecord>) -> Registered<'_> {
         let id = record.identity.id;
-        self.lock().insert(id, record);
+        self.shard(id).insert(id, record);
         Registered {
             connections: self,
             id,
@@ -133,27 +140,35 @@ impl Connections {
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<ConnRecord>> {
-        self.lock().get(&id).cloned()
+        self.shard(id).get(&id).cloned()
     }
 
     /// A snapshot of every live connection, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<ConnRecord>> {
-        let mut all: Vec<_> = self.lock().values().cloned().collect();
+        let mut all: Vec<_> = Vec::with_capacity(self.len());
+        for shard in &self.shards {
+            all.extend(lock(shard).values().cloned());
+        }
         all.sort_by_key(|r| r.identity.id);
         all
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
+        // Ids are handed out in sequence, so consecutive connections land on different shards.
+        lock(&self.shards[(id % SHARDS as u64) as usize])
     }
+}
+
+fn lock(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Removes its connection from the registry on drop.
@@ -165,6 +180,6 @@ pub struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.connections.lock().remove(&self.id);
+        self.connections.shard(self.id).remove(&self.id);
     }
 }
