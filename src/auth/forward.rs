@@ -116,8 +116,11 @@ impl ForwardAuth {
                     copy.push((name.clone(), value.clone()));
                 }
             }
-            // The body is not needed; dropping it lets the client pool the connection
-            // once hyper has read it, or close it.
+            // The body is not needed, but read (it is usually empty) so the connection goes
+            // back to the pool; one that does not end in time is dropped instead.
+            let left = timeout.saturating_sub(started.elapsed());
+            let _ =
+                tokio::time::timeout(left, read_body(response.into_body(), MAX_DENIAL_BODY)).await;
             return Decision::Allow(copy);
         }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
