@@ -6,6 +6,10 @@
 #
 #   benches/instructions.sh                      # this tree's target/release/wsgate
 #   benches/instructions.sh path/to/other/wsgate # another build, for a before/after
+#   WORKLOADS=handshakes benches/instructions.sh # only the rows whose name contains this
+#
+# The "with JWT" handshake rows route through `[routes.echo.auth] jwt = { jwks = ... }` with
+# a fresh key (RS256: made by `openssl`; ES256) and send `Authorization: Bearer TOKEN`.
 #
 # wsgate runs under valgrind on its own; the echo upstream and the load client of
 # benches/proxy.rs drive it for a short and a long window. The difference in instructions
@@ -40,10 +44,17 @@ up_port=$(port)
 "$bench" upstream --port "$up_port" --lifetime 30m >"$work/upstream.log" 2>&1 &
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$up_port") 2>/dev/null && break; sleep 0.1; done
 
-# Instructions and operations for one window: "INSTRUCTIONS OPS".
+# Instructions and operations for one window: "INSTRUCTIONS OPS". The fifth argument is
+# passed to the load client, except --jwt=ALG, which puts the route behind a JWT check.
 measure() {
     local mode=$1 size=$2 conns=$3 duration=$4 text=${5:-}
-    local plain admin out
+    local plain admin out auth=""
+    if [[ $text == --jwt=* ]]; then
+        local alg=${text#--jwt=}
+        "$bench" jwt --alg "$alg" --dir "$work" >/dev/null
+        auth=$(printf '[routes.echo.auth]\njwt = { jwks = "%s" }' "$work/jwks-$alg.json")
+        text="--bearer-file $work/token-$alg.txt"
+    fi
     plain=$(port)
     admin=$(port)
     cat >"$work/wsgate.toml" <<EOF
@@ -63,6 +74,7 @@ servers = ["127.0.0.1:$up_port"]
 [routes.echo]
 path = "/"
 upstream = "echo"
+$auth
 EOF
     out="$work/callgrind.out"
     valgrind --tool=callgrind --callgrind-out-file="$out" "$wsgate" --config "$work/wsgate.toml" \
@@ -81,12 +93,16 @@ EOF
 }
 
 printf '| workload | instructions per operation |\n| --- | --- |\n'
-for spec in "handshake 32 16 handshakes" "echo 32 64 32-B-echo-round-trips" \
+for spec in "handshake 32 16 handshakes" "handshake 32 16 handshakes-with-JWT-RS256 --jwt=rs256" \
+    "handshake 32 16 handshakes-with-JWT-ES256 --jwt=es256" "echo 32 64 32-B-echo-round-trips" \
     "echo 16384 64 16-KiB-echo-round-trips" "echo 32 64 32-B-JSON-text-echo-round-trips --text=json" \
     "echo 16384 64 16-KiB-JSON-text-echo-round-trips --text=json" \
     "echo 16384 64 16-KiB-mixed-text-echo-round-trips --text=mixed" \
     "http 32 64 plain-HTTP-GETs"; do
     set -- $spec
+    if [ -n "${WORKLOADS:-}" ] && [[ ${4//-/ } != *"$WORKLOADS"* ]]; then
+        continue
+    fi
     read -r i1 o1 < <(measure "$1" "$2" "$3" 2s "${5:-}")
     read -r i2 o2 < <(measure "$1" "$2" "$3" 6s "${5:-}")
     if [ "$o2" -le "$o1" ]; then

@@ -8,6 +8,8 @@
 //! - `load`: the load client; prints one JSON object (`load`).
 //! - `slowloris`: memory per connection waiting for its head, and handshake latency while
 //!   thousands of such connections trickle (`slowloris`).
+//! - `jwt`: a signing key's JWKS file and a token signed with it, for the JWT workloads
+//!   (`tokens`).
 //! - `all`: starts everything pinned to CPUs, runs every workload against every target,
 //!   prints the markdown table, writes target/bench/results.json and ratios.svg (`all`,
 //!   `report`).
@@ -18,10 +20,14 @@ mod all;
 mod load;
 #[path = "proxy/report.rs"]
 mod report;
+#[path = "../tests/support/jwt.rs"]
+mod signer;
 #[path = "proxy/slowloris.rs"]
 mod slowloris;
 #[path = "proxy/sys.rs"]
 mod sys;
+#[path = "proxy/tokens.rs"]
+mod tokens;
 #[path = "proxy/upstream.rs"]
 mod upstream;
 #[path = "proxy/ws.rs"]
@@ -55,6 +61,9 @@ enum Cmd {
     Load(load::Opts),
     /// Slow request heads: memory per waiting connection, handshake latency during the attack.
     Slowloris(slowloris::Opts),
+    /// A JWKS file and a bearer token signed with its key (for benches/instructions.sh);
+    /// `--time` times wsgate's check of the token.
+    Jwt(tokens::Opts),
 }
 
 /// Durations on the command line: "10s", "500ms", "1m30s" (wsgate's own syntax).
@@ -80,6 +89,7 @@ fn main() -> ExitCode {
         Some(Cmd::Upstream(opts)) => upstream::run(opts),
         Some(Cmd::Load(opts)) => load::run(opts),
         Some(Cmd::Slowloris(opts)) => slowloris::run(opts),
+        Some(Cmd::Jwt(opts)) => tokens::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

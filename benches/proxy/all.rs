@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::report::{self, RunResults, WorkloadResult};
 use crate::sys;
+use crate::tokens::{self, JwtAlg, TokenFiles};
 
 const NGINX_TEMPLATE: &str = include_str!("../peers/nginx.conf");
 const HAPROXY_TEMPLATE: &str = include_str!("../peers/haproxy.cfg");
@@ -66,7 +67,8 @@ pub struct Opts {
     skip: Vec<String>,
     /// Run only these workloads (comma-separated ids: echo32, echo16k, text32, text16k,
     /// text16k-mixed, h2echo32-streams, h2echo32-conns, h2echo16k-streams, echo256k, http,
-    /// http-h2, paced, handshake, handshake-tls, idle, idle-tls). Default: all.
+    /// http-h2, paced, handshake, handshake-tls, handshake-jwt-rs256, handshake-jwt-es256,
+    /// idle, idle-tls, idle-jwt). Default: all. The JWT ones run against wsgate only.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// The wsgate binary (default: target/release/wsgate).
@@ -171,12 +173,26 @@ pub enum Kind {
         h2: Option<usize>,
     },
     Paced,
+    /// `jwt`: through a route with `[routes.X.auth] jwt`, each upgrade carrying a bearer
+    /// token signed with this algorithm (wsgate only: the peers verify no JWTs).
     Handshake {
         tls: bool,
+        jwt: Option<JwtAlg>,
     },
     Idle {
         tls: bool,
+        jwt: Option<JwtAlg>,
     },
+}
+
+impl Kind {
+    /// The algorithm of the bearer tokens a JWT workload sends.
+    pub fn jwt(self) -> Option<JwtAlg> {
+        match self {
+            Kind::Handshake { jwt, .. } | Kind::Idle { jwt, .. } => jwt,
+            _ => None,
+        }
+    }
 }
 
 fn workloads() -> Vec<Workload> {
@@ -289,22 +305,58 @@ fn workloads() -> Vec<Workload> {
         Workload {
             id: "handshake",
             title: "handshakes, 16 concurrent (ws)",
-            kind: Kind::Handshake { tls: false },
+            kind: Kind::Handshake {
+                tls: false,
+                jwt: None,
+            },
         },
         Workload {
             id: "handshake-tls",
             title: "handshakes, 16 concurrent (wss)",
-            kind: Kind::Handshake { tls: true },
+            kind: Kind::Handshake {
+                tls: true,
+                jwt: None,
+            },
+        },
+        Workload {
+            id: "handshake-jwt-rs256",
+            title: "handshakes, 16 concurrent (ws, JWT RS256)",
+            kind: Kind::Handshake {
+                tls: false,
+                jwt: Some(JwtAlg::Rs256),
+            },
+        },
+        Workload {
+            id: "handshake-jwt-es256",
+            title: "handshakes, 16 concurrent (ws, JWT ES256)",
+            kind: Kind::Handshake {
+                tls: false,
+                jwt: Some(JwtAlg::Es256),
+            },
         },
         Workload {
             id: "idle",
             title: "idle connections (ws)",
-            kind: Kind::Idle { tls: false },
+            kind: Kind::Idle {
+                tls: false,
+                jwt: None,
+            },
         },
         Workload {
             id: "idle-tls",
             title: "idle connections (wss)",
-            kind: Kind::Idle { tls: true },
+            kind: Kind::Idle {
+                tls: true,
+                jwt: None,
+            },
+        },
+        Workload {
+            id: "idle-jwt",
+            title: "idle connections (ws, JWT ES256)",
+            kind: Kind::Idle {
+                tls: false,
+                jwt: Some(JwtAlg::Es256),
+            },
         },
     ]
 }
@@ -600,6 +652,29 @@ impl Peer {
     }
 }
 
+/// Why `target` does not take part in workload `w` (`h2c_port`: where it serves HTTP/2 with
+/// prior knowledge, if it does), or `None` when it does.
+fn not_driven(w: &Workload, target: &str, h2c_port: Option<u16>) -> Option<String> {
+    let h2 = matches!(
+        w.kind,
+        Kind::Echo { h2: Some(_), .. } | Kind::Http { h2: Some(_) }
+    );
+    if h2 && h2c_port.is_none() {
+        // The echo upstream speaks HTTP/1.1 only; nginx cannot carry WebSockets over HTTP/2.
+        return Some(format!("{target} is not driven over HTTP/2"));
+    }
+    if w.kind.jwt().is_some() && target != "wsgate" {
+        return Some(match target {
+            "direct" => "no proxy, so no token check (wsgate-only workload)".to_owned(),
+            "nginx" => "open-source nginx verifies no JWTs (wsgate-only workload)".to_owned(),
+            _ => "not set up to verify JWTs here: HAProxy's jwt_verify converter takes a PEM \
+                  key, not a JWKS (wsgate-only workload)"
+                .to_owned(),
+        });
+    }
+    None
+}
+
 /// The options that depend on --quick.
 struct Plan {
     duration: Duration,
@@ -672,8 +747,37 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     )?;
     upstream.wait_ready(up_port, false, &up_log)?;
 
+    let selected: Vec<Workload> = workloads()
+        .into_iter()
+        .filter(|w| {
+            opts.workloads.is_empty()
+                || opts
+                    .workloads
+                    .iter()
+                    .any(|id| id == w.id || (id == "echo32" && w.id.starts_with("echo32")))
+        })
+        .collect();
+
     let mut skipped: Vec<(String, String)> = Vec::new();
     let skip = |name: &str| opts.skip.iter().any(|s| s.eq_ignore_ascii_case(name));
+
+    // A signing key and a token per algorithm the JWT workloads use; wsgate gets a route
+    // that verifies each. An algorithm whose key cannot be made leaves its workloads
+    // unmeasured, with the reason.
+    let mut token_files: Vec<TokenFiles> = Vec::new();
+    let mut token_problems: Vec<(JwtAlg, String)> = Vec::new();
+    for alg in selected.iter().filter_map(|w| w.kind.jwt()) {
+        if token_files.iter().any(|f| f.alg == alg) || token_problems.iter().any(|p| p.0 == alg) {
+            continue;
+        }
+        match tokens::make(alg, &out) {
+            Ok(files) => token_files.push(files),
+            Err(e) => {
+                eprintln!("no {} token, its workloads are not run: {e:#}", alg.id());
+                token_problems.push((alg, format!("{e:#}")));
+            }
+        }
+    }
     let mut peers: Vec<Peer> = Vec::new();
 
     // wsgate
@@ -702,7 +806,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                     ("CERT", certs.cert.display().to_string()),
                     ("KEY", certs.key.display().to_string()),
                 ],
-            )?,
+            )? + &tokens::wsgate_routes(&token_files),
         )?;
         let check = Command::new(&bin)
             .args(["check", "--config"])
@@ -846,26 +950,31 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     }
     let with_direct = !skip("direct");
 
-    let selected: Vec<Workload> = workloads()
-        .into_iter()
-        .filter(|w| {
-            opts.workloads.is_empty()
-                || opts
-                    .workloads
-                    .iter()
-                    .any(|id| id == w.id || (id == "echo32" && w.id.starts_with("echo32")))
-        })
-        .collect();
     let rounds = opts.rounds.unwrap_or(if opts.quick { 1 } else { 3 }) as usize;
     let rounds_of = |w: &Workload| match w.kind {
         Kind::Idle { .. } => 1,
         _ => rounds,
     };
+    // The targets of a workload, in slot order: direct first (when measured), then the
+    // peers in start order, each with its h2c port.
+    let peer_slots: Vec<(&'static str, Option<u16>)> =
+        peers.iter().map(|p| (p.name, p.h2c_port)).collect();
+    let slots_of = |w: &Workload| {
+        let mut slots = Vec::new();
+        if with_direct && !matches!(w.kind, Kind::Idle { .. }) {
+            slots.push(("direct", None));
+        }
+        slots.extend(peer_slots.iter().copied());
+        slots
+    };
     let runs_total: usize = selected
         .iter()
         .map(|w| {
             rounds_of(w)
-                * (peers.len() + usize::from(with_direct && !matches!(w.kind, Kind::Idle { .. })))
+                * slots_of(w)
+                    .iter()
+                    .filter(|(t, h2c)| not_driven(w, t, *h2c).is_none())
+                    .count()
         })
         .sum();
 
@@ -875,43 +984,59 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
         ca: certs.ca.clone(),
         plan: &plan,
         idle_conns,
+        tokens: token_files.clone(),
     };
     let started_at = Instant::now();
     let mut results = Vec::new();
     let mut n = 0;
     for w in &selected {
         let idle = matches!(w.kind, Kind::Idle { .. });
-        // Target slots: direct first (when measured), then the peers in start order.
-        let first_peer = usize::from(with_direct && !idle);
-        let slots = first_peer + peers.len();
-        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); slots];
+        let slots = slots_of(w);
+        let first_peer = usize::from(slots.first().is_some_and(|s| s.0 == "direct"));
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); slots.len()];
+        // Targets this workload cannot drive: one result saying why, printed once.
+        let mut driven = vec![true; slots.len()];
+        for (slot, (target, h2c_port)) in slots.iter().enumerate() {
+            if let Some(why) = not_driven(w, target, *h2c_port) {
+                eprintln!("        {:<34} {target:<8} skipped: {why}", w.title);
+                runs[slot].push(json!({ "error": format!("n/a: {why}") }));
+                driven[slot] = false;
+            }
+        }
+        let jwt_problem = w.kind.jwt().and_then(|alg| {
+            token_problems
+                .iter()
+                .find(|p| p.0 == alg)
+                .map(|p| p.1.clone())
+        });
         for round in 0..rounds_of(w) {
-            for k in 0..slots {
+            for k in 0..slots.len() {
                 // Each round starts one target later, so no target always follows the same one.
-                let slot = (k + round) % slots;
+                let slot = (k + round) % slots.len();
+                if !driven[slot] {
+                    continue;
+                }
                 n += 1;
                 let h2 = matches!(
                     w.kind,
                     Kind::Echo { h2: Some(_), .. } | Kind::Http { h2: Some(_) }
                 );
-                let target = if slot < first_peer {
-                    "direct"
-                } else {
-                    peers[slot - first_peer].name
-                };
-                let h2c_port = (slot >= first_peer)
-                    .then(|| peers[slot - first_peer].h2c_port)
-                    .flatten();
-                if h2 && h2c_port.is_none() {
-                    // The echo upstream speaks HTTP/1.1 only; nginx cannot carry WebSockets
-                    // over HTTP/2.
-                    runs[slot]
-                        .push(json!({"error": format!("n/a: {target} is not driven over HTTP/2")}));
+                let (target, h2c_port) = slots[slot];
+                if let Some(why) = &jwt_problem {
+                    eprintln!(
+                        "[{n:2}/{runs_total}] {:<34} {target:<8} ERROR no {} token: {why}",
+                        w.title,
+                        w.kind.jwt().map_or("", JwtAlg::id)
+                    );
+                    runs[slot].push(json!({ "error": format!("no token: {why}") }));
                     continue;
                 }
+                let path = w.kind.jwt().map_or_else(|| "/".to_owned(), JwtAlg::path);
                 let v = if slot < first_peer {
                     let url = match w.kind {
-                        Kind::Handshake { tls: true } => format!("wss://localhost:{up_tls_port}/"),
+                        Kind::Handshake { tls: true, .. } => {
+                            format!("wss://localhost:{up_tls_port}/")
+                        }
                         _ => format!("ws://127.0.0.1:{up_port}/"),
                     };
                     ctx.run(w, &url, &[], n, runs_total, "direct")
@@ -926,12 +1051,12 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                     }
                     let tls = matches!(
                         w.kind,
-                        Kind::Handshake { tls: true } | Kind::Idle { tls: true }
+                        Kind::Handshake { tls: true, .. } | Kind::Idle { tls: true, .. }
                     );
                     let url = match (tls, h2c_port) {
-                        (true, _) => format!("wss://localhost:{}/", peer.tls_port),
-                        (false, Some(port)) if h2 => format!("ws://127.0.0.1:{port}/"),
-                        _ => format!("ws://127.0.0.1:{}/", peer.plain_port),
+                        (true, _) => format!("wss://localhost:{}{path}", peer.tls_port),
+                        (false, Some(port)) if h2 => format!("ws://127.0.0.1:{port}{path}"),
+                        _ => format!("ws://127.0.0.1:{}{path}", peer.plain_port),
                     };
                     ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name)
                 };
@@ -940,15 +1065,8 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
         }
         let per_target: Vec<(String, Value)> = runs
             .into_iter()
-            .enumerate()
-            .map(|(slot, values)| {
-                let name = if slot < first_peer {
-                    "direct"
-                } else {
-                    peers[slot - first_peer].name
-                };
-                (name.to_owned(), report::median_round(w.kind, values))
-            })
+            .zip(&slots)
+            .map(|(values, (name, _))| ((*name).to_owned(), report::median_round(w.kind, values)))
             .collect();
         results.push(WorkloadResult {
             id: w.id,
@@ -1017,6 +1135,8 @@ struct LoadCtx<'a> {
     ca: PathBuf,
     plan: &'a Plan,
     idle_conns: usize,
+    /// Keys and tokens of the JWT workloads.
+    tokens: Vec<TokenFiles>,
 }
 
 impl LoadCtx<'_> {
@@ -1117,6 +1237,13 @@ impl LoadCtx<'_> {
                 Duration::from_secs(30)
             }
         };
+        if let Some(alg) = w.kind.jwt() {
+            let Some(files) = self.tokens.iter().find(|f| f.alg == alg) else {
+                return json!({"error": format!("no {} token", alg.id())});
+            };
+            args.push("--bearer-file".into());
+            args.push(files.token.display().to_string());
+        }
         for pid in pids {
             args.push("--watch-pid".into());
             args.push(pid.to_string());

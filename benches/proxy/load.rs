@@ -177,6 +177,10 @@ pub struct Opts {
     /// (h2c with prior knowledge for ws://, ALPN h2 for wss://).
     #[arg(long)]
     pub h2: Option<usize>,
+    /// A file holding a bearer token: every upgrade request carries
+    /// `Authorization: Bearer TOKEN` (HTTP/1.1 upgrades only).
+    #[arg(long)]
+    pub bearer_file: Option<PathBuf>,
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
@@ -211,6 +215,8 @@ struct Target {
     /// many it carries so far.
     h2: Option<usize>,
     h2_conn: RefCell<Option<(H2Sender, usize)>>,
+    /// Header lines added to every upgrade request (`--bearer-file`).
+    extra_headers: String,
 }
 
 impl Target {
@@ -259,6 +265,19 @@ impl Target {
         {
             bail!("--h2 takes a number of streams per connection, in echo or http mode");
         }
+        let extra_headers = match &opts.bearer_file {
+            None => String::new(),
+            Some(_) if opts.h2.is_some() => bail!("--bearer-file is for HTTP/1.1 upgrades"),
+            Some(file) => {
+                let token = std::fs::read_to_string(file)
+                    .with_context(|| format!("read {}", file.display()))?;
+                let token = token.trim();
+                if token.is_empty() || token.contains(['\r', '\n']) {
+                    bail!("{} does not hold one token", file.display());
+                }
+                format!("Authorization: Bearer {token}\r\n")
+            }
+        };
         Ok(Target {
             addr,
             host: host.to_owned(),
@@ -266,7 +285,22 @@ impl Target {
             tls,
             h2: opts.h2,
             h2_conn: RefCell::new(None),
+            extra_headers,
         })
+    }
+
+    /// The same target with `h2` streams per connection (`None`: HTTP/1.1) and no HTTP/2
+    /// connection yet, to share between the tasks of one run.
+    fn fresh(&self, h2: Option<usize>) -> Target {
+        Target {
+            addr: self.addr,
+            host: self.host.clone(),
+            path: self.path.clone(),
+            tls: self.tls.clone(),
+            h2,
+            h2_conn: RefCell::new(None),
+            extra_headers: self.extra_headers.clone(),
+        }
     }
 
     /// A WebSocket on a new HTTP/2 stream: on the current connection until it carries
@@ -353,7 +387,8 @@ impl Target {
                 Conn::Tls(Box::new(connector.connect(name.clone(), tcp).await?))
             }
         };
-        let early = ws::client_handshake(&mut conn, &self.host, &self.path).await?;
+        let early =
+            ws::client_handshake(&mut conn, &self.host, &self.path, &self.extra_headers).await?;
         Ok((conn, FrameReader::new(early, frame_capacity)))
     }
 
@@ -614,14 +649,7 @@ async fn http(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
         target.path, target.host
     ));
     let uri = Rc::new(format!("http://{}{}", target.host, target.path));
-    let target = Rc::new(Target {
-        addr: target.addr,
-        host: target.host.clone(),
-        path: target.path.clone(),
-        tls: target.tls.clone(),
-        h2: target.h2,
-        h2_conn: RefCell::new(None),
-    });
+    let target = Rc::new(target.fresh(target.h2));
     let per_conn = target.h2.unwrap_or(1);
     let mut h1_conns = h1_conns.into_iter();
     let mut tasks = Vec::new();
@@ -933,14 +961,7 @@ fn write_fully(s: &mut std::net::TcpStream, mut buf: &[u8], deadline: Instant) -
 }
 
 async fn handshake(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
-    let target = Rc::new(Target {
-        addr: target.addr,
-        host: target.host.clone(),
-        path: target.path.clone(),
-        tls: target.tls.clone(),
-        h2: None,
-        h2_conn: RefCell::new(None),
-    });
+    let target = Rc::new(target.fresh(None));
     let tally = Tally::new();
     let t0 = Instant::now();
     let (t1, t2) = (t0 + opts.warmup, t0 + opts.warmup + opts.duration);
@@ -1008,18 +1029,7 @@ async fn idle(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
         Rc::new(RefCell::new(Vec::with_capacity(opts.conns)));
     let tally = Tally::new();
     let next = Rc::new(Cell::new(0usize));
-    let (target_rc, msg, data) = (
-        Rc::new(Target {
-            addr: target.addr,
-            host: target.host.clone(),
-            path: target.path.clone(),
-            tls: target.tls.clone(),
-            h2: None,
-            h2_conn: RefCell::new(None),
-        }),
-        Rc::new(msg),
-        Rc::new(data),
-    );
+    let (target_rc, msg, data) = (Rc::new(target.fresh(None)), Rc::new(msg), Rc::new(data));
     let mut tasks = Vec::new();
     for _ in 0..opts.connect_concurrency.max(1) {
         let (held, tally, next, target, msg, data) = (

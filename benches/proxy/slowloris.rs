@@ -473,7 +473,7 @@ async fn handshakes(addr: SocketAddr, count: usize, limit: Duration) -> Latencie
         let result = tokio::time::timeout(STEP_TIMEOUT, async {
             let mut s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
-            let early = ws::client_handshake(&mut s, HANDSHAKE_HOST, ROUTE_PATH).await?;
+            let early = ws::client_handshake(&mut s, HANDSHAKE_HOST, ROUTE_PATH, "").await?;
             io::Result::Ok((s, early))
         })
         .await;

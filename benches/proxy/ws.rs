@@ -207,17 +207,20 @@ pub fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
     None
 }
 
-/// Client side of the upgrade: sends the request, checks the 101 and its accept key. Returns
-/// bytes that arrived after the response head.
+/// Client side of the upgrade: sends the request (with `extra`, whole header lines each ending
+/// in CRLF, e.g. an `Authorization`), checks the 101 and its accept key. Returns bytes that
+/// arrived after the response head.
 pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     host: &str,
     path: &str,
+    extra: &str,
 ) -> io::Result<Vec<u8>> {
     let key = new_key();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}\r\n\
+         {extra}\r\n"
     );
     s.write_all(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(512);
@@ -225,8 +228,12 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let head = &buf[..end];
     if !head.starts_with(b"HTTP/1.1 101") {
         let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        // An auth refusal says why in its challenge.
+        let challenge = header(head, "www-authenticate")
+            .map(|v| format!(" (WWW-Authenticate: {})", String::from_utf8_lossy(v)))
+            .unwrap_or_default();
         return Err(io::Error::other(format!(
-            "upgrade refused: {}",
+            "upgrade refused: {}{challenge}",
             String::from_utf8_lossy(line)
         )));
     }
