@@ -2,6 +2,9 @@
 //! metric families of design.md, and per-route handles looked up once per route so the
 //! relay only bumps cached counters.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -56,6 +59,8 @@ pub struct Metrics {
     rejected_total: IntCounterVec,
     auth_total: IntCounterVec,
     jwks_fetches_total: IntCounterVec,
+    /// Every route's relay counters, folded into the families above before they are read.
+    traffic: Mutex<Vec<Weak<Traffic>>>,
 }
 
 /// The outcome label of `wsgate_connections_total`.
@@ -262,6 +267,7 @@ impl Metrics {
                 "Fetches of a JWKS URL, by result (success, error); a failed fetch keeps the last good key set.",
                 &["source", "result"],
             ),
+            traffic: Mutex::new(Vec::new()),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.connections_active.clone()),
@@ -299,11 +305,25 @@ impl Metrics {
         m
     }
 
+    /// Every metric family, with the relay's split counters folded in first.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        traffic.retain(|t| match t.upgrade() {
+            Some(t) => {
+                t.fold();
+                true
+            }
+            None => false,
+        });
+        drop(traffic);
+        self.registry.gather()
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&self.gather(), &mut out);
         out
     }
 
@@ -320,14 +340,23 @@ impl Metrics {
         };
         let (c2u_bytes, c2u_spliced, c2u_frames) = dir(Direction::ClientToUpstream);
         let (u2c_bytes, u2c_spliced, u2c_frames) = dir(Direction::UpstreamToClient);
+        let traffic = Arc::new(Traffic {
+            shards: (0..traffic_shards()).map(|_| Cells::default()).collect(),
+            folded: Mutex::new([0; CELLS]),
+            bytes: [c2u_bytes, u2c_bytes],
+            spliced: [c2u_spliced, u2c_spliced],
+            frames: [c2u_frames, u2c_frames],
+        });
+        self.traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&traffic));
         RouteMetrics {
             route: route.to_string(),
             connections_active: self.connections_active.with_label_values(&[route]),
             handshake_duration: self.handshake_duration.with_label_values(&[route]),
             connection_duration: self.connection_duration.with_label_values(&[route]),
-            bytes: [c2u_bytes, u2c_bytes],
-            spliced_bytes: [c2u_spliced, u2c_spliced],
-            frames: [c2u_frames, u2c_frames],
+            traffic,
             undeliverable: [Direction::ClientToUpstream, Direction::UpstreamToClient].map(|d| {
                 self.undeliverable_frames_total
                     .with_label_values(&[route, d.label()])
@@ -397,12 +426,8 @@ pub struct RouteMetrics {
     pub connections_active: IntGauge,
     pub handshake_duration: Histogram,
     pub connection_duration: Histogram,
-    /// Indexed by [`direction_index`].
-    pub bytes: [IntCounter; 2],
-    /// Indexed by [`direction_index`]: the part of `bytes` that was spliced.
-    pub spliced_bytes: [IntCounter; 2],
-    /// Indexed by [`direction_index`], then opcode position in [`OPCODES`].
-    pub frames: [[IntCounter; 6]; 2],
+    /// Bytes, spliced bytes and frames relayed: the relay's per-read-batch counters.
+    pub traffic: Arc<Traffic>,
     /// Indexed by [`direction_index`]: frames dropped after wsgate's close went the other way.
     pub undeliverable: [IntCounter; 2],
     pub pings_sent: IntCounter,
@@ -441,6 +466,101 @@ impl AuthResult {
             AuthResult::Denied => "denied",
             AuthResult::Error => "error",
         }
+    }
+}
+
+/// The counters of [`Traffic`]: bytes and spliced bytes each way, frames by opcode each way.
+const CELLS: usize = 16;
+
+/// One thread's share of a route's relay counters, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Cells([AtomicU64; CELLS]);
+
+/// A route's relay counters (`wsgate_bytes_total`, `wsgate_spliced_bytes_total`,
+/// `wsgate_frames_total`), split by thread: the relays of one route on different worker
+/// threads add to different cache lines instead of bouncing one between cores on every
+/// read. The shares are summed into the Prometheus counters when metrics are read, and
+/// when the route's last tunnel ends.
+pub struct Traffic {
+    shards: Box<[Cells]>,
+    /// What has been added to the Prometheus counters so far, by cell.
+    folded: Mutex<[u64; CELLS]>,
+    bytes: [IntCounter; 2],
+    spliced: [IntCounter; 2],
+    frames: [[IntCounter; 6]; 2],
+}
+
+impl std::fmt::Debug for Traffic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Traffic")
+    }
+}
+
+/// Shards per route: a few per core, so threads rarely share one.
+fn traffic_shards() -> usize {
+    static SHARDS: OnceLock<usize> = OnceLock::new();
+    *SHARDS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get() * 4)
+            .clamp(4, 256)
+    })
+}
+
+/// This thread's shard number (threads are numbered as they first add).
+fn thread_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SHARD.with(|s| *s)
+}
+
+impl Traffic {
+    /// Adds what one direction relayed since its last flush.
+    pub fn add(&self, direction: usize, bytes: u64, spliced: u64, frames: &[u32; 6]) {
+        let cells = &self.shards[thread_shard() % self.shards.len()].0;
+        let base = direction * 8;
+        if bytes > 0 {
+            cells[base].fetch_add(bytes, Ordering::Relaxed);
+        }
+        if spliced > 0 {
+            cells[base + 1].fetch_add(spliced, Ordering::Relaxed);
+        }
+        for (i, n) in frames.iter().enumerate() {
+            if *n > 0 {
+                cells[base + 2 + i].fetch_add(u64::from(*n), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Adds the shares gathered since the last fold to the Prometheus counters.
+    fn fold(&self) {
+        let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
+        for (cell, done) in folded.iter_mut().enumerate() {
+            let total: u64 = self
+                .shards
+                .iter()
+                .map(|s| s.0[cell].load(Ordering::Relaxed))
+                .sum();
+            let delta = total.saturating_sub(*done);
+            if delta == 0 {
+                continue;
+            }
+            *done = total;
+            let (direction, field) = (cell / 8, cell % 8);
+            match field {
+                0 => self.bytes[direction].inc_by(delta),
+                1 => self.spliced[direction].inc_by(delta),
+                op => self.frames[direction][op - 2].inc_by(delta),
+            }
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.fold();
     }
 }
 
@@ -488,6 +608,57 @@ mod tests {
         assert_eq!(close_code_label(Some(1014)), "1014");
         assert_eq!(close_code_label(Some(3001)), "3xxx");
         assert_eq!(close_code_label(Some(4000)), "4xxx");
+    }
+
+    #[test]
+    fn split_relay_counters_add_up_across_threads_and_after_the_route_is_gone() {
+        let m = Metrics::new();
+        let r = Arc::new(m.route("chat"));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        r.traffic.add(0, 10, 0, &[0, 1, 0, 0, 0, 0]);
+                        r.traffic.add(1, 3, 2, &[0, 0, 1, 0, 1, 0]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        let value = |series: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{series} missing"))
+        };
+        assert_eq!(
+            value("wsgate_bytes_total{direction=\"client_to_upstream\",route=\"chat\"}"),
+            40_000
+        );
+        assert_eq!(
+            value("wsgate_bytes_total{direction=\"upstream_to_client\",route=\"chat\"}"),
+            12_000
+        );
+        assert_eq!(
+            value("wsgate_spliced_bytes_total{direction=\"upstream_to_client\",route=\"chat\"}"),
+            8_000
+        );
+        assert_eq!(value("wsgate_frames_total{direction=\"client_to_upstream\",opcode=\"text\",route=\"chat\"}"), 4_000);
+        assert_eq!(value("wsgate_frames_total{direction=\"upstream_to_client\",opcode=\"ping\",route=\"chat\"}"), 4_000);
+        // Added after the last read, then the route's handles are dropped (a reload): kept.
+        r.traffic.add(0, 5, 0, &[0; 6]);
+        drop(r);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(
+                "wsgate_bytes_total{direction=\"client_to_upstream\",route=\"chat\"} 40005"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -116,7 +116,7 @@ fn total(families: &[MetricFamily], name: &str, label: &str, value: &str) -> u64
 /// Upgraded handshakes since the start, for the history.
 pub fn handshakes(shared: &Shared) -> u64 {
     total(
-        &shared.metrics.registry.gather(),
+        &shared.metrics.gather(),
         "wsgate_connections_total",
         "result",
         "upgraded",
@@ -125,7 +125,7 @@ pub fn handshakes(shared: &Shared) -> u64 {
 
 /// The whole document.
 pub fn view(shared: &Shared) -> StatusView {
-    let families = shared.metrics.registry.gather();
+    let families = shared.metrics.gather();
     let mut refusals: BTreeMap<String, u64> =
         by_label(&families, "wsgate_rejected_total", "reason")
             .into_iter()

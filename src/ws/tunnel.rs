@@ -1622,28 +1622,27 @@ where
             let d = metrics::direction_index(half.direction);
             let route = &self.record.metrics;
             let stats = self.record.stats(half.direction);
+            let total: u64 = half.unflushed_frames.iter().map(|n| u64::from(*n)).sum();
+            if half.unflushed_bytes == 0 && total == 0 && half.unflushed_spliced == 0 {
+                continue;
+            }
+            route.traffic.add(
+                d,
+                half.unflushed_bytes,
+                u64::from(half.unflushed_spliced),
+                &half.unflushed_frames,
+            );
             if half.unflushed_bytes > 0 {
                 stats
                     .bytes
                     .fetch_add(half.unflushed_bytes, Ordering::Relaxed);
-                route.bytes[d].inc_by(half.unflushed_bytes);
-                half.unflushed_bytes = 0;
-            }
-            if half.unflushed_spliced > 0 {
-                route.spliced_bytes[d].inc_by(u64::from(half.unflushed_spliced));
-                half.unflushed_spliced = 0;
-            }
-            let mut total = 0;
-            for (i, n) in half.unflushed_frames.iter_mut().enumerate() {
-                if *n > 0 {
-                    route.frames[d][i].inc_by(u64::from(*n));
-                    total += u64::from(*n);
-                    *n = 0;
-                }
             }
             if total > 0 {
                 stats.frames.fetch_add(total, Ordering::Relaxed);
             }
+            half.unflushed_bytes = 0;
+            half.unflushed_spliced = 0;
+            half.unflushed_frames = [0; 6];
         }
     }
 
