@@ -2,7 +2,7 @@
 //! metric families of design.md, and per-route handles looked up once per route so the
 //! relay only bumps cached counters.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use prometheus::core::Collector;
@@ -472,15 +472,15 @@ impl AuthResult {
 /// The counters of [`Traffic`]: bytes and spliced bytes each way, frames by opcode each way.
 const CELLS: usize = 16;
 
-/// One thread's share of a route's relay counters, on cache lines of its own.
+/// One shard of a route's relay counters, on cache lines of its own.
 #[derive(Default)]
 #[repr(align(128))]
 struct Cells([AtomicU64; CELLS]);
 
 /// A route's relay counters (`wsgate_bytes_total`, `wsgate_spliced_bytes_total`,
-/// `wsgate_frames_total`), split by thread: the relays of one route on different worker
-/// threads add to different cache lines instead of bouncing one between cores on every
-/// read. The shares are summed into the Prometheus counters when metrics are read, and
+/// `wsgate_frames_total`), split into shards by connection: the relays of one route on
+/// different worker threads mostly add to different cache lines instead of bouncing one
+/// between cores on every read. The shares are summed into the Prometheus counters when metrics are read, and
 /// when the route's last tunnel ends.
 pub struct Traffic {
     shards: Box<[Cells]>,
@@ -497,29 +497,24 @@ impl std::fmt::Debug for Traffic {
     }
 }
 
-/// Shards per route: a few per core, so threads rarely share one.
+/// Shards per route: a power of two, four per core, so two connections running at the same
+/// moment on two cores rarely share one.
 fn traffic_shards() -> usize {
     static SHARDS: OnceLock<usize> = OnceLock::new();
     *SHARDS.get_or_init(|| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get() * 4)
             .clamp(4, 256)
+            .next_power_of_two()
     })
 }
 
-/// This thread's shard number (threads are numbered as they first add).
-fn thread_shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    SHARD.with(|s| *s)
-}
-
 impl Traffic {
-    /// Adds what one direction relayed since its last flush.
-    pub fn add(&self, direction: usize, bytes: u64, spliced: u64, frames: &[u32; 6]) {
-        let cells = &self.shards[thread_shard() % self.shards.len()].0;
+    /// Adds what one direction of connection `id` relayed since its last flush. A
+    /// connection always adds to the same shard (its id picks it: no thread-local lookup,
+    /// and tunnels move between worker threads anyway).
+    pub fn add(&self, id: u64, direction: usize, bytes: u64, spliced: u64, frames: &[u32; 6]) {
+        let cells = &self.shards[id as usize & (self.shards.len() - 1)].0;
         let base = direction * 8;
         if bytes > 0 {
             cells[base].fetch_add(bytes, Ordering::Relaxed);
@@ -618,9 +613,9 @@ mod tests {
             .map(|_| {
                 let r = r.clone();
                 std::thread::spawn(move || {
-                    for _ in 0..1000 {
-                        r.traffic.add(0, 10, 0, &[0, 1, 0, 0, 0, 0]);
-                        r.traffic.add(1, 3, 2, &[0, 0, 1, 0, 1, 0]);
+                    for id in 0..1000 {
+                        r.traffic.add(id, 0, 10, 0, &[0, 1, 0, 0, 0, 0]);
+                        r.traffic.add(id, 1, 3, 2, &[0, 0, 1, 0, 1, 0]);
                     }
                 })
             })
@@ -650,7 +645,7 @@ mod tests {
         assert_eq!(value("wsgate_frames_total{direction=\"client_to_upstream\",opcode=\"text\",route=\"chat\"}"), 4_000);
         assert_eq!(value("wsgate_frames_total{direction=\"upstream_to_client\",opcode=\"ping\",route=\"chat\"}"), 4_000);
         // Added after the last read, then the route's handles are dropped (a reload): kept.
-        r.traffic.add(0, 5, 0, &[0; 6]);
+        r.traffic.add(7, 0, 5, 0, &[0; 6]);
         drop(r);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(

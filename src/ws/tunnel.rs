@@ -1627,6 +1627,7 @@ where
                 continue;
             }
             route.traffic.add(
+                self.record.identity.id,
                 d,
                 half.unflushed_bytes,
                 u64::from(half.unflushed_spliced),
