@@ -3,13 +3,18 @@
 //! runs every workload against direct / wsgate / nginx / HAProxy with the load client pinned
 //! to the other CPU (next to the upstream). Then prints the table and writes results.json and
 //! ratios.svg (see `report`).
+//!
+//! The reconnect storm (`storm`, `storm-tls`) is driven from here: the load client holds its
+//! connections through a fresh proxy and says `ready`; the harness then kills the upstream
+//! (every upstream connection is lost at once), tells the client, starts the upstream again
+//! on the same ports and, once the client reports, adds what the new upstream counted.
 
 use std::fs;
-use std::io::Read as _;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread;
@@ -19,6 +24,7 @@ use anyhow::{bail, Context as _};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::{json, Value};
 
+use crate::load::monotonic_ns;
 use crate::report::{self, RunResults, WorkloadResult};
 use crate::sys;
 use crate::tokens::{self, JwtAlg, TokenFiles};
@@ -45,6 +51,22 @@ const HANDSHAKE_WORKERS: usize = 16;
 /// Paced rate over all connections (the targets' 10,000 msgs/s).
 const PACED_RATE: u64 = 10_000;
 
+/// Descriptors a proxy needs beyond two per storm connection: listeners, logs, and the
+/// connections still closing while their clients are already back.
+const STORM_FD_SPARE: usize = 1000;
+
+/// Most storm connections the harness asks for: the peers' configs (benches/peers/) hold a
+/// little more: HAProxy's `maxconn 9900`, nginx's `worker_connections 20480` 9,599
+/// WebSockets (it closes waiting connections once fewer than 1/16 of them are free).
+const STORM_PEER_MAX: usize = 9500;
+
+/// How long the storm's clients keep trying after the restart (the load client's
+/// `--storm-deadline`).
+const STORM_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long the storm client may take to open its connections and say `ready`.
+const STORM_OPEN_LIMIT: Duration = Duration::from_secs(120);
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
     /// Measured time of each throughput and latency workload.
@@ -59,7 +81,12 @@ pub struct Opts {
     /// Idle connections held open in the memory workloads.
     #[arg(long, default_value_t = 5000)]
     idle_conns: usize,
-    /// Smoke test: 2 s per workload, 1 s of handshakes, 0.5 s warm-ups, 2,000 idle connections.
+    /// Connections held, then reconnected, in the reconnect storm (fewer when the open-file
+    /// limit cannot hold them in the proxy: two descriptors each, plus spare).
+    #[arg(long, default_value_t = 10_000)]
+    storm_conns: usize,
+    /// Smoke test: 2 s per workload, 1 s of handshakes, 0.5 s warm-ups, 2,000 idle and storm
+    /// connections.
     #[arg(long)]
     quick: bool,
     /// Leave out a target: direct, wsgate, nginx or haproxy (repeatable).
@@ -68,7 +95,8 @@ pub struct Opts {
     /// Run only these workloads (comma-separated ids: echo32, echo16k, text32, text16k,
     /// text16k-mixed, h2echo32-streams, h2echo32-conns, h2echo16k-streams, echo256k, http,
     /// http-h2, paced, handshake, handshake-tls, handshake-jwt-rs256, handshake-jwt-es256,
-    /// idle, idle-tls, idle-jwt). Default: all. The JWT ones run against wsgate only.
+    /// idle, idle-tls, idle-jwt, storm, storm-tls). Default: all. The JWT ones run against
+    /// wsgate only; the storms restart the upstream.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// The wsgate binary (default: target/release/wsgate).
@@ -182,6 +210,10 @@ pub enum Kind {
     Idle {
         tls: bool,
         jwt: Option<JwtAlg>,
+    },
+    /// Reconnect storm: N idle WebSockets, the upstream restarted, every client back at once.
+    Storm {
+        tls: bool,
     },
 }
 
@@ -358,6 +390,17 @@ fn workloads() -> Vec<Workload> {
                 jwt: Some(JwtAlg::Es256),
             },
         },
+        // Last: they restart the upstream.
+        Workload {
+            id: "storm",
+            title: "reconnect storm (ws)",
+            kind: Kind::Storm { tls: false },
+        },
+        Workload {
+            id: "storm-tls",
+            title: "reconnect storm (wss)",
+            kind: Kind::Storm { tls: true },
+        },
     ]
 }
 
@@ -391,6 +434,8 @@ pub(crate) struct Proc {
     name: String,
     child: Child,
     slot: Option<usize>,
+    /// Killed and waited for ([`Proc::reap`]): nothing left to stop.
+    reaped: bool,
 }
 
 impl Proc {
@@ -432,6 +477,7 @@ impl Proc {
             name: name.to_owned(),
             child,
             slot,
+            reaped: false,
         })
     }
 
@@ -485,8 +531,29 @@ impl Proc {
         }
     }
 
+    /// SIGKILL to the group at once (the process's sockets are closed as it dies); then
+    /// [`Proc::reap`].
+    fn kill_group(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe {
+            libc::kill(-(self.pid() as i32), libc::SIGKILL);
+        }
+    }
+
+    /// Waits for a killed process and forgets it.
+    fn reap(&mut self) {
+        let _ = self.child.wait();
+        if let Some(slot) = self.slot.take() {
+            GROUPS[slot].store(0, Ordering::SeqCst);
+        }
+        self.reaped = true;
+    }
+
     /// SIGTERM to the group, then SIGKILL after [`STOP_GRACE`].
     pub(crate) fn stop(&mut self) {
+        if self.reaped {
+            return;
+        }
         let pgid = self.pid() as i32;
         if !self.exited() {
             // SAFETY: signalling our own child's process group.
@@ -681,6 +748,7 @@ struct Plan {
     handshake_duration: Duration,
     warmup: Duration,
     idle_conns: usize,
+    storm_conns: usize,
 }
 
 pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
@@ -694,6 +762,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             handshake_duration: Duration::from_secs(1),
             warmup: Duration::from_millis(500),
             idle_conns: opts.idle_conns.min(2000),
+            storm_conns: opts.storm_conns.min(2000),
         }
     } else {
         Plan {
@@ -701,6 +770,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             handshake_duration: opts.handshake_duration,
             warmup: opts.warmup,
             idle_conns: opts.idle_conns,
+            storm_conns: opts.storm_conns,
         }
     };
     // A proxied idle connection costs the proxy two descriptors.
@@ -712,6 +782,27 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
         fd_room
     } else {
         plan.idle_conns
+    };
+    // The storm's proxy holds two descriptors per connection, and during the storm also the
+    // ones still closing; the peers' configs hold at most STORM_PEER_MAX.
+    let storm_fd_room = (nofile as usize).saturating_sub(STORM_FD_SPARE) / 2;
+    let storm_conns = if plan.storm_conns > storm_fd_room.min(STORM_PEER_MAX) {
+        let n = storm_fd_room.min(STORM_PEER_MAX);
+        let why = if storm_fd_room <= STORM_PEER_MAX {
+            format!(
+                "the open-file limit is {nofile} and a proxy needs two descriptors per \
+                 connection plus {STORM_FD_SPARE} spare (raise `ulimit -Hn`)"
+            )
+        } else {
+            format!("the peers' configs hold {STORM_PEER_MAX} (benches/peers/)")
+        };
+        eprintln!(
+            "reconnect storm: {n} connections, not {}: {why}",
+            plan.storm_conns
+        );
+        n
+    } else {
+        plan.storm_conns
     };
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -727,12 +818,12 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     // The upstream, on the load CPU.
     let up_port = free_port()?;
     let up_tls_port = free_port()?;
-    let up_log = logs.join("upstream.log");
-    let mut upstream = Proc::spawn(
-        "upstream",
-        opts.load_cpu,
-        &self_exe,
-        &[
+    let up = UpstreamSpec {
+        exe: self_exe.clone(),
+        cpu: opts.load_cpu,
+        port: up_port,
+        stats_port: free_port()?,
+        args: vec![
             "upstream".into(),
             "--port".into(),
             up_port.to_string(),
@@ -743,9 +834,10 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             "--key".into(),
             certs.key.display().to_string(),
         ],
-        &up_log,
-    )?;
-    upstream.wait_ready(up_port, false, &up_log)?;
+        log: logs.join("upstream.log"),
+    };
+    let mut upstream = up.spawn()?;
+    upstream.wait_ready(up_port, false, &up.log)?;
 
     let selected: Vec<Workload> = workloads()
         .into_iter()
@@ -952,7 +1044,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
 
     let rounds = opts.rounds.unwrap_or(if opts.quick { 1 } else { 3 }) as usize;
     let rounds_of = |w: &Workload| match w.kind {
-        Kind::Idle { .. } => 1,
+        Kind::Idle { .. } | Kind::Storm { .. } => 1,
         _ => rounds,
     };
     // The targets of a workload, in slot order: direct first (when measured), then the
@@ -961,7 +1053,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
         peers.iter().map(|p| (p.name, p.h2c_port)).collect();
     let slots_of = |w: &Workload| {
         let mut slots = Vec::new();
-        if with_direct && !matches!(w.kind, Kind::Idle { .. }) {
+        if with_direct && !matches!(w.kind, Kind::Idle { .. } | Kind::Storm { .. }) {
             slots.push(("direct", None));
         }
         slots.extend(peer_slots.iter().copied());
@@ -984,13 +1076,14 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
         ca: certs.ca.clone(),
         plan: &plan,
         idle_conns,
+        storm_conns,
         tokens: token_files.clone(),
     };
     let started_at = Instant::now();
     let mut results = Vec::new();
     let mut n = 0;
     for w in &selected {
-        let idle = matches!(w.kind, Kind::Idle { .. });
+        let idle = matches!(w.kind, Kind::Idle { .. } | Kind::Storm { .. });
         let slots = slots_of(w);
         let first_peer = usize::from(slots.first().is_some_and(|s| s.0 == "direct"));
         let mut runs: Vec<Vec<Value>> = vec![Vec::new(); slots.len()];
@@ -1051,14 +1144,26 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                     }
                     let tls = matches!(
                         w.kind,
-                        Kind::Handshake { tls: true, .. } | Kind::Idle { tls: true, .. }
+                        Kind::Handshake { tls: true, .. }
+                            | Kind::Idle { tls: true, .. }
+                            | Kind::Storm { tls: true }
                     );
                     let url = match (tls, h2c_port) {
                         (true, _) => format!("wss://localhost:{}{path}", peer.tls_port),
                         (false, Some(port)) if h2 => format!("ws://127.0.0.1:{port}{path}"),
                         _ => format!("ws://127.0.0.1:{}{path}", peer.plain_port),
                     };
-                    ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name)
+                    if matches!(w.kind, Kind::Storm { .. }) {
+                        let pids = peer.pids();
+                        eprint!("[{n:2}/{runs_total}] {:<34} {:<8} ", w.title, peer.name);
+                        let v = ctx
+                            .storm(&url, &pids, &mut upstream, &up)
+                            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+                        eprintln!("{}", report::one_line(w.kind, &v));
+                        v
+                    } else {
+                        ctx.run(w, &url, &peer.pids(), n, runs_total, peer.name)
+                    }
                 };
                 runs[slot].push(v);
             }
@@ -1099,6 +1204,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             "handshake_workers": HANDSHAKE_WORKERS,
             "paced_rate": PACED_RATE,
             "idle_conns": idle_conns,
+            "storm_conns": storm_conns,
             "proxy_cpu": opts.proxy_cpu,
             "load_cpu": opts.load_cpu,
             "sched": format!("{:?}", opts.sched).to_lowercase(),
@@ -1135,6 +1241,7 @@ struct LoadCtx<'a> {
     ca: PathBuf,
     plan: &'a Plan,
     idle_conns: usize,
+    storm_conns: usize,
     /// Keys and tokens of the JWT workloads.
     tokens: Vec<TokenFiles>,
 }
@@ -1223,6 +1330,7 @@ impl LoadCtx<'_> {
                 ]);
                 p.warmup + p.handshake_duration
             }
+            Kind::Storm { .. } => return json!({"error": "the storm runs from LoadCtx::storm"}),
             Kind::Idle { .. } => {
                 args.extend([
                     "--mode".into(),
@@ -1309,4 +1417,229 @@ fn run_child(
         bail!("load client failed ({status}): {}", err.trim());
     }
     serde_json::from_str(out.trim()).with_context(|| format!("load client printed {out:?}"))
+}
+
+/// Under `--sched fifo`, the calling thread one step above the processes the harness starts,
+/// until dropped (then back to the normal policy): the storm's restart is not queued behind
+/// the proxy and the clients it set off.
+struct RaisedPriority(bool);
+
+impl RaisedPriority {
+    fn new() -> RaisedPriority {
+        if SCHED.load(Ordering::Relaxed) != Sched::Fifo as i32 {
+            return RaisedPriority(false);
+        }
+        let param = libc::sched_param {
+            sched_priority: FIFO_PRIORITY + 1,
+        };
+        // SAFETY: sched_setscheduler only reads the struct passed in.
+        RaisedPriority(unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0)
+    }
+}
+
+impl Drop for RaisedPriority {
+    fn drop(&mut self) {
+        if self.0 {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as above.
+            unsafe {
+                libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+            }
+        }
+    }
+}
+
+/// How the echo upstream is started, so the storm can start it again on the same ports.
+struct UpstreamSpec {
+    exe: PathBuf,
+    cpu: usize,
+    port: u16,
+    /// Where it serves its counts (`upstream --stats-port`).
+    stats_port: u16,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl UpstreamSpec {
+    /// Starts it (not waiting for it to listen).
+    fn spawn(&self) -> anyhow::Result<Proc> {
+        let mut args = self.args.clone();
+        args.extend(["--stats-port".into(), self.stats_port.to_string()]);
+        Proc::spawn("upstream", self.cpu, &self.exe, &args, &self.log)
+    }
+
+    /// What it has counted since it started (one JSON line from its stats port).
+    fn stats(&self) -> anyhow::Result<Value> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.stats_port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        serde_json::from_str(text.trim()).with_context(|| format!("upstream stats {text:?}"))
+    }
+}
+
+impl LoadCtx<'_> {
+    /// One reconnect storm through the proxy at `url` (watched: `pids`): the load client
+    /// opens its connections and says `ready`; the upstream is killed (the client told when),
+    /// started again on the same ports, and what it counted is added to the client's JSON
+    /// (`upstream`), with how long it was gone (`restart`).
+    fn storm(
+        &self,
+        url: &str,
+        pids: &[u32],
+        upstream: &mut Proc,
+        up: &UpstreamSpec,
+    ) -> anyhow::Result<Value> {
+        let mut args: Vec<String> = vec![
+            "load".into(),
+            "--url".into(),
+            url.into(),
+            "--ca".into(),
+            self.ca.display().to_string(),
+            "--mode".into(),
+            "storm".into(),
+            "--conns".into(),
+            self.storm_conns.to_string(),
+            "--size".into(),
+            "32".into(),
+            "--settle".into(),
+            "1s".into(),
+            "--storm-deadline".into(),
+            format!("{}ms", STORM_DEADLINE.as_millis()),
+        ];
+        for pid in pids {
+            args.push("--watch-pid".into());
+            args.push(pid.to_string());
+        }
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c")
+            .arg(self.load_cpu.to_string())
+            .arg(&self.self_exe)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                apply_sched();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("start the load client")?;
+        let mut stdin: ChildStdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let err_reader = thread::spawn(move || {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            err
+        });
+        let (tx, lines) = mpsc::channel();
+        let out_reader = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Ends the client (killed unless `wait`) and returns what it wrote on stderr.
+        let finish = |mut child: Child, wait: bool| -> String {
+            if !wait {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+            err_reader.join().unwrap_or_default()
+        };
+
+        let ready = lines.recv_timeout(STORM_OPEN_LIMIT);
+        if !ready.as_ref().is_ok_and(|l| l.starts_with("ready ")) {
+            let err = finish(child, false);
+            let _ = out_reader.join();
+            bail!(
+                "the load client did not get ready ({}): {}",
+                ready.unwrap_or_else(|e| format!("{e}")),
+                err.trim()
+            );
+        }
+
+        // The restart: every upstream socket closes as the process dies. Above everything
+        // the harness started, so that the restart itself does not wait for the storm.
+        let raised = RaisedPriority::new();
+        let killed_at = Instant::now();
+        let killed_ns = monotonic_ns();
+        upstream.kill_group();
+        let told = writeln!(stdin, "restart {killed_ns}").and_then(|()| stdin.flush());
+        upstream.reap();
+        let started = up.spawn();
+        let listening = started.and_then(|mut p| {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, up.port));
+            let deadline = killed_at + START_TIMEOUT;
+            loop {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    break Ok((p, killed_at.elapsed()));
+                }
+                if p.exited() || Instant::now() > deadline {
+                    p.stop();
+                    bail!(
+                        "the upstream did not listen again on {} within {START_TIMEOUT:?}: {}",
+                        up.port,
+                        last_lines(&up.log, 5).trim()
+                    );
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        drop(raised);
+        let (new_upstream, down_for) = match listening {
+            Ok(pair) => pair,
+            Err(e) => {
+                let _ = finish(child, false);
+                return Err(e);
+            }
+        };
+        // The old Proc is reaped; its replacement takes its place (and its process group slot).
+        *upstream = new_upstream;
+        if let Err(e) = told {
+            let err = finish(child, false);
+            bail!(
+                "could not tell the load client of the restart ({e}): {}",
+                err.trim()
+            );
+        }
+
+        let result = lines.recv_timeout(STORM_DEADLINE + LOAD_SLACK);
+        let err = finish(child, result.is_ok());
+        let _ = out_reader.join();
+        let line = result
+            .map_err(|e| anyhow::anyhow!("no result from the load client ({e}): {}", err.trim()))?;
+        let mut v: Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("load client printed {line:?}"))?;
+        let stats = up
+            .stats()
+            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        // The accept queues the client saw filling, by whose they are.
+        let proxy_port = url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let queues = v.get("listen_queues").cloned().unwrap_or(Value::Null);
+        let queue_of = |port: &str| queues.get(port).cloned().unwrap_or(Value::Null);
+        let listeners = json!({
+            "proxy": queue_of(&proxy_port),
+            "upstream": queue_of(&up.port.to_string()),
+        });
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("listeners".into(), listeners);
+            obj.insert("upstream".into(), stats);
+            obj.insert(
+                "restart".into(),
+                json!({ "listening_again_ms": down_for.as_secs_f64() * 1000.0 }),
+            );
+        }
+        Ok(v)
+    }
 }

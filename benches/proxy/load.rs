@@ -10,6 +10,13 @@
 //! - `handshake`: each worker repeats connect (+ TLS) + upgrade + one echo + close.
 //! - `idle`: opens N connections (upgrade + one echo each), holds them, and reports how much
 //!   the watched processes' RSS grew per connection.
+//! - `storm`: opens N connections as `idle` does, prints `ready N`, and waits for a line
+//!   `restart [NS]` on stdin (the harness has just killed the upstream, at CLOCK_MONOTONIC
+//!   NS). Each connection then waits for the proxy to end it (a close frame, EOF, a reset)
+//!   and reconnects at once, again and again on any failure, without backoff, until it has
+//!   an upgraded connection that carried one echo (or `--storm-deadline` after the restart
+//!   has passed). Reports the time until all are back, every failed attempt by kind, and the
+//!   watched processes' CPU over the storm and peak RSS (read every 10 ms).
 //!
 //! Measurement window: everything starts at t0, counting starts at t1 = t0 + warmup and stops
 //! at t2 = t1 + duration. A sampler thread reads the watched processes' CPU time from /proc at
@@ -118,6 +125,7 @@ pub enum Mode {
     Paced,
     Handshake,
     Idle,
+    Storm,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,10 +171,13 @@ pub struct Opts {
     /// master and worker).
     #[arg(long = "watch-pid")]
     pub watch: Vec<u32>,
-    /// Idle: wait this long after the last connection opened before reading RSS.
+    /// Storm: how long after the restart the clients keep trying to reconnect.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "60s")]
+    pub storm_deadline: Duration,
+    /// Idle, storm: wait this long after the last connection opened before reading RSS.
     #[arg(long, value_parser = crate::parse_duration, default_value = "1s")]
     pub settle: Duration,
-    /// Idle: connections opened at once.
+    /// Idle, storm: connections opened at once (the storm's reconnects are not limited).
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
     /// Idle: connections opened and closed before the baseline RSS is read (first-use
@@ -197,6 +208,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
             Mode::Paced => paced(&opts, &target).await,
             Mode::Handshake => handshake(&opts, &target).await,
             Mode::Idle => idle(&opts, &target).await,
+            Mode::Storm => storm(&opts, &target).await,
         }
     })?;
     let mut out = io::stdout().lock();
@@ -1025,45 +1037,8 @@ async fn idle(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     let before = sys::sample(&opts.watch);
 
     let started = Instant::now();
-    let held: Rc<RefCell<Vec<(Conn, FrameReader)>>> =
-        Rc::new(RefCell::new(Vec::with_capacity(opts.conns)));
-    let tally = Tally::new();
-    let next = Rc::new(Cell::new(0usize));
     let (target_rc, msg, data) = (Rc::new(target.fresh(None)), Rc::new(msg), Rc::new(data));
-    let mut tasks = Vec::new();
-    for _ in 0..opts.connect_concurrency.max(1) {
-        let (held, tally, next, target, msg, data) = (
-            held.clone(),
-            tally.clone(),
-            next.clone(),
-            target_rc.clone(),
-            msg.clone(),
-            data.clone(),
-        );
-        let total = opts.conns;
-        tasks.push(tokio::task::spawn_local(async move {
-            while next.get() < total {
-                next.set(next.get() + 1);
-                let t = Instant::now();
-                let opened = async {
-                    let (mut conn, mut reader) = target.connect(data.len() + 64).await?;
-                    round_trip(&mut conn, &mut reader, &msg, &data).await?;
-                    io::Result::Ok((conn, reader))
-                };
-                match timeout(STEP_TIMEOUT, opened).await {
-                    Ok(Ok(pair)) => {
-                        tally.record(t.elapsed());
-                        held.borrow_mut().push(pair);
-                    }
-                    Ok(Err(e)) => tally.error(e),
-                    Err(_) => tally.error("open timed out"),
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        let _ = task.await;
-    }
+    let (held, tally) = open_held(opts, &target_rc, &msg, &data).await;
     let connect_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(opts.settle).await;
     let after = sys::sample(&opts.watch);
@@ -1091,5 +1066,472 @@ async fn idle(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
     }
     // Dropping the connections closes them; the proxy is restarted before its next idle run.
     held.borrow_mut().clear();
+    Ok(Value::Object(m))
+}
+
+/// Opens `--conns` WebSockets, `--connect-concurrency` at a time, each upgraded and used for
+/// one echo within [`STEP_TIMEOUT`]: the ones that opened, and the open latencies and errors.
+async fn open_held(
+    opts: &Opts,
+    target: &Rc<Target>,
+    msg: &Rc<Vec<u8>>,
+    data: &Rc<Vec<u8>>,
+) -> (Rc<RefCell<Vec<(Conn, FrameReader)>>>, Rc<Tally>) {
+    let held: Rc<RefCell<Vec<(Conn, FrameReader)>>> =
+        Rc::new(RefCell::new(Vec::with_capacity(opts.conns)));
+    let tally = Tally::new();
+    let next = Rc::new(Cell::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..opts.connect_concurrency.max(1) {
+        let (held, tally, next, target, msg, data) = (
+            held.clone(),
+            tally.clone(),
+            next.clone(),
+            target.clone(),
+            msg.clone(),
+            data.clone(),
+        );
+        let total = opts.conns;
+        tasks.push(tokio::task::spawn_local(async move {
+            while next.get() < total {
+                next.set(next.get() + 1);
+                let t = Instant::now();
+                let opened = async {
+                    let (mut conn, mut reader) = target.connect(data.len() + 64).await?;
+                    round_trip(&mut conn, &mut reader, &msg, &data).await?;
+                    io::Result::Ok((conn, reader))
+                };
+                match timeout(STEP_TIMEOUT, opened).await {
+                    Ok(Ok(pair)) => {
+                        tally.record(t.elapsed());
+                        held.borrow_mut().push(pair);
+                    }
+                    Ok(Err(e)) => tally.error(e),
+                    Err(_) => tally.error("open timed out"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    (held, tally)
+}
+
+/// How long the storm client waits, once ready, for the harness's `restart` line.
+const RESTART_WAIT: Duration = Duration::from_secs(60);
+
+/// How often the storm's sampler reads the watched processes (RSS peak, CPU at the end).
+const STORM_SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// What the storm's clients saw, shared by their tasks.
+struct StormTally {
+    /// How the held connections ended: `close 1014`, `EOF`, `reset`, ...
+    ended: RefCell<std::collections::BTreeMap<String, u64>>,
+    /// Failed reconnect attempts by kind: `502`, `reset`, `timeout`, ...
+    failures: RefCell<std::collections::BTreeMap<String, u64>>,
+    failure_samples: RefCell<Vec<String>>,
+    attempts: Cell<u64>,
+    /// Time from the restart until each held connection ended, and until each client was
+    /// back (connected, upgraded, echoed).
+    ended_after: RefCell<Histogram<u64>>,
+    back_after: RefCell<Histogram<u64>>,
+    /// Clients that never got their connection ended, or never got back, before the deadline.
+    not_ended: Cell<u64>,
+    gave_up: Cell<u64>,
+}
+
+impl StormTally {
+    fn new() -> Rc<StormTally> {
+        let hist = || {
+            RefCell::new(
+                Histogram::new_with_bounds(1_000, MAX_LATENCY_NS, 3).expect("valid bounds"),
+            )
+        };
+        Rc::new(StormTally {
+            ended: RefCell::default(),
+            failures: RefCell::default(),
+            failure_samples: RefCell::default(),
+            attempts: Cell::new(0),
+            ended_after: hist(),
+            back_after: hist(),
+            not_ended: Cell::new(0),
+            gave_up: Cell::new(0),
+        })
+    }
+
+    fn failed(&self, kind: String, e: impl std::fmt::Display) {
+        *self.failures.borrow_mut().entry(kind).or_default() += 1;
+        let mut samples = self.failure_samples.borrow_mut();
+        if samples.len() < 5 {
+            samples.push(e.to_string());
+        }
+    }
+
+    fn since(hist: &RefCell<Histogram<u64>>, d: Duration) {
+        let ns = (d.as_nanos() as u64).clamp(1_000, MAX_LATENCY_NS);
+        hist.borrow_mut().saturating_record(ns);
+    }
+}
+
+/// Seconds of a histogram of nanoseconds: p50, p99, max (and min).
+fn seconds_json(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return Value::Null;
+    }
+    let s = |ns: u64| ns as f64 / 1e9;
+    json!({
+        "min": s(h.min()),
+        "p50": s(h.value_at_quantile(0.50)),
+        "p99": s(h.value_at_quantile(0.99)),
+        "max": s(h.max()),
+    })
+}
+
+/// The kind of a failed reconnect attempt, for counting: the status of a refused upgrade
+/// (`502`), or what the socket said.
+fn attempt_failure(e: &io::Error) -> String {
+    let text = e.to_string();
+    if let Some(rest) = text.strip_prefix("upgrade refused: ") {
+        if let Some(code) = rest.split_whitespace().nth(1) {
+            return code.to_owned();
+        }
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => "reset".into(),
+        io::ErrorKind::BrokenPipe => "broken pipe".into(),
+        io::ErrorKind::ConnectionRefused => "connect refused".into(),
+        io::ErrorKind::UnexpectedEof => "closed without an answer".into(),
+        io::ErrorKind::TimedOut => "timeout".into(),
+        _ => "other".into(),
+    }
+}
+
+/// Reads a held connection until the proxy ends it; how it ended. A close frame is answered
+/// (best effort) before the connection is dropped, as a browser does.
+async fn wait_for_end(conn: &mut Conn, reader: &mut FrameReader) -> String {
+    loop {
+        match reader.read_frame(conn).await {
+            Ok(frame) if frame.opcode == ws::OP_CLOSE => {
+                let p = reader.payload(&frame);
+                let how = if p.len() >= 2 {
+                    format!("close {}", u16::from_be_bytes([p[0], p[1]]))
+                } else {
+                    "close (no code)".to_owned()
+                };
+                let reply = ws::client_frame(ws::OP_CLOSE, &1000u16.to_be_bytes());
+                let _ = timeout(Duration::from_millis(100), async {
+                    conn.write_all(&reply).await?;
+                    conn.flush().await
+                })
+                .await;
+                return how;
+            }
+            // Data on an idle connection: not expected, not an ending.
+            Ok(_) => {}
+            Err(e) => {
+                return match e.kind() {
+                    io::ErrorKind::UnexpectedEof => "EOF".into(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+                        "reset".into()
+                    }
+                    _ => format!("error: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `Instant` on Linux, shared by all processes,
+/// so the harness can say when it killed the upstream.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct passed in.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads the stdin line `restart [NS]` (within [`RESTART_WAIT`]); the restart's moment (NS on
+/// CLOCK_MONOTONIC, or now).
+async fn wait_for_restart() -> anyhow::Result<Instant> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::stdin().read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = timeout(RESTART_WAIT, rx)
+        .await
+        .context("no `restart` line on stdin")?
+        .context("stdin closed before a `restart` line")?;
+    let mut words = line.split_whitespace();
+    if words.next() != Some("restart") {
+        bail!("expected `restart [NS]` on stdin, got {line:?}");
+    }
+    let now = Instant::now();
+    Ok(match words.next() {
+        Some(ns) => {
+            let at: u64 = ns.parse().context("restart NS")?;
+            now - Duration::from_nanos(monotonic_ns().saturating_sub(at))
+        }
+        None => now,
+    })
+}
+
+/// What the storm's sampler saw.
+struct Peaks {
+    rss_kib: u64,
+    /// The last sample (its CPU time ends the window).
+    last: Sample,
+    samples: u64,
+    /// Per listening port: the most connections seen waiting in its accept queue, and the
+    /// queue's size.
+    listen: std::collections::BTreeMap<u16, (u32, u32)>,
+}
+
+/// Samples the watched processes and the machine's listen queues every
+/// [`STORM_SAMPLE_EVERY`] until told to stop.
+struct PeakSampler {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<Peaks>,
+}
+
+impl PeakSampler {
+    fn start(pids: Vec<u32>) -> PeakSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::spawn(move || {
+            shift_fifo_priority(2);
+            let mut peaks = Peaks {
+                rss_kib: 0,
+                last: Sample::default(),
+                samples: 0,
+                listen: Default::default(),
+            };
+            loop {
+                let s = sys::sample(&pids);
+                peaks.rss_kib = peaks.rss_kib.max(s.rss_kib);
+                peaks.last = s;
+                peaks.samples += 1;
+                for (port, waiting, backlog) in sys::listen_queues().unwrap_or_default() {
+                    let e = peaks.listen.entry(port).or_insert((0, backlog));
+                    *e = (e.0.max(waiting), backlog);
+                }
+                if flag.load(Ordering::Acquire) {
+                    return peaks;
+                }
+                thread::sleep(STORM_SAMPLE_EVERY);
+            }
+        });
+        PeakSampler { stop, handle }
+    }
+
+    fn finish(self) -> Peaks {
+        self.stop.store(true, Ordering::Release);
+        self.handle.join().expect("storm sampler")
+    }
+}
+
+/// Under `--sched fifo` (the harness's default), moves the calling thread's real-time
+/// priority by `delta`; nothing otherwise. Threads started later inherit it.
+///
+/// The storm's client and the upstream share a CPU at the same priority, and such a thread
+/// runs until it blocks: a client busy with thousands of reconnects would keep the restarted
+/// upstream from even starting. One step below it, the upstream runs whenever it has work.
+/// The sampler goes above both, so it reads the accept queues while they are full (a few
+/// system calls every 10 ms).
+fn shift_fifo_priority(delta: i32) {
+    // SAFETY: sched_getscheduler, sched_getparam and sched_setscheduler only read and write
+    // the struct passed in, for the calling thread.
+    unsafe {
+        if libc::sched_getscheduler(0) != libc::SCHED_FIFO {
+            return;
+        }
+        let mut param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_getparam(0, &mut param) == 0 {
+            param.sched_priority = (param.sched_priority + delta).clamp(1, 49);
+            libc::sched_setscheduler(0, libc::SCHED_FIFO, &param);
+        }
+    }
+}
+
+/// The machine's TCP counters that explain a slow reconnect: a full accept queue drops a
+/// SYN, and the connect is retried a second later.
+const STORM_TCP_COUNTERS: [&str; 3] = ["ListenOverflows", "ListenDrops", "TCPSynRetrans"];
+
+async fn storm(opts: &Opts, target: &Target) -> anyhow::Result<Value> {
+    if target.h2.is_some() {
+        bail!("storm mode uses HTTP/1.1 upgrades");
+    }
+    shift_fifo_priority(-1);
+    let data = Rc::new(payload(opts.size));
+    let msg = Rc::new(ws::client_frame(ws::OP_BINARY, &data));
+    let target = Rc::new(target.fresh(None));
+    let started = Instant::now();
+    let (held, open_tally) = open_held(opts, &target, &msg, &data).await;
+    let connect_s = started.elapsed().as_secs_f64();
+    let held = std::mem::take(&mut *held.borrow_mut());
+    let opened = held.len();
+    if opened == 0 {
+        bail!(
+            "no connection opened: {}",
+            open_tally.error_samples.borrow().join("; ")
+        );
+    }
+    tokio::time::sleep(opts.settle).await;
+
+    // The window starts here, just before the harness is told to restart the upstream.
+    let sampler = PeakSampler::start(opts.watch.clone());
+    let before = sys::sample(&opts.watch);
+    let tcp_before = sys::tcp_ext(&STORM_TCP_COUNTERS);
+    let window_start = Instant::now();
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "ready {opened}")?;
+        out.flush()?;
+    }
+    let restart = wait_for_restart().await?;
+    let deadline = restart + opts.storm_deadline;
+
+    let tally = StormTally::new();
+    let mut tasks = Vec::with_capacity(opened);
+    for (mut conn, mut reader) in held {
+        let (tally, target, msg, data) = (tally.clone(), target.clone(), msg.clone(), data.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            let Ok(how) =
+                tokio::time::timeout_at(deadline.into(), wait_for_end(&mut conn, &mut reader))
+                    .await
+            else {
+                tally.not_ended.set(tally.not_ended.get() + 1);
+                return None;
+            };
+            StormTally::since(&tally.ended_after, restart.elapsed());
+            *tally.ended.borrow_mut().entry(how).or_default() += 1;
+            drop((conn, reader));
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    tally.gave_up.set(tally.gave_up.get() + 1);
+                    return None;
+                }
+                tally.attempts.set(tally.attempts.get() + 1);
+                let attempt = async {
+                    let (mut conn, mut reader) = target.connect(data.len() + 64).await?;
+                    round_trip(&mut conn, &mut reader, &msg, &data).await?;
+                    io::Result::Ok((conn, reader))
+                };
+                match timeout(STEP_TIMEOUT.min(deadline - now), attempt).await {
+                    Ok(Ok(pair)) => {
+                        StormTally::since(&tally.back_after, restart.elapsed());
+                        return Some(pair);
+                    }
+                    Ok(Err(e)) => tally.failed(attempt_failure(&e), e),
+                    Err(_) => tally.failed("timeout".into(), "attempt timed out"),
+                }
+            }
+        }));
+    }
+    // Every client back (or given up): the window ends. The connections stay open until
+    // the sample is taken.
+    let mut back = Vec::with_capacity(opened);
+    for task in tasks {
+        if let Ok(Some(pair)) = task.await {
+            back.push(pair);
+        }
+    }
+    let window = window_start.elapsed();
+    let peaks = sampler.finish();
+    let after = peaks.last;
+    let tcp_after = sys::tcp_ext(&STORM_TCP_COUNTERS);
+    let reconnected = back.len();
+    drop(back);
+
+    let back_after = tally.back_after.borrow();
+    let all_back_s = (reconnected == opened).then(|| back_after.max() as f64 / 1e9);
+    let failed: u64 = tally.failures.borrow().values().sum();
+    let mut m = base_json(opts, "storm");
+    m.insert("opened".into(), opened.into());
+    m.insert("connect_s".into(), connect_s.into());
+    m.insert("open_errors".into(), open_tally.errors.get().into());
+    m.insert("reconnected".into(), reconnected.into());
+    m.insert("all_reconnected_s".into(), all_back_s.into());
+    m.insert("reconnect_s".into(), seconds_json(&back_after));
+    m.insert("ended_s".into(), seconds_json(&tally.ended_after.borrow()));
+    m.insert("ended".into(), json!(*tally.ended.borrow()));
+    m.insert("not_ended".into(), tally.not_ended.get().into());
+    m.insert("gave_up".into(), tally.gave_up.get().into());
+    m.insert("attempts".into(), tally.attempts.get().into());
+    m.insert("failed_attempts".into(), failed.into());
+    m.insert("failures".into(), json!(*tally.failures.borrow()));
+    m.insert(
+        "failure_samples".into(),
+        json!(*tally.failure_samples.borrow()),
+    );
+    // Machine-wide, but nothing else on this loopback is busy during the storm.
+    let tcp: serde_json::Map<String, Value> = STORM_TCP_COUNTERS
+        .iter()
+        .zip(tcp_after.iter().zip(&tcp_before))
+        .map(|(name, (a, b))| ((*name).to_owned(), a.saturating_sub(*b).into()))
+        .collect();
+    m.insert("tcp".into(), Value::Object(tcp));
+    // Accept queues that were ever not empty: which listener overflowed.
+    let listen: serde_json::Map<String, Value> = peaks
+        .listen
+        .iter()
+        .filter(|(_, (peak, _))| *peak > 0)
+        .map(|(port, (peak, backlog))| {
+            (
+                port.to_string(),
+                json!({"peak_waiting": peak, "backlog": backlog}),
+            )
+        })
+        .collect();
+    m.insert("listen_queues".into(), Value::Object(listen));
+    m.insert(
+        "storm_deadline_s".into(),
+        opts.storm_deadline.as_secs_f64().into(),
+    );
+    // Problems of the run itself (not the storm's refusals, which are what is measured).
+    let errors = open_tally.errors.get() + tally.not_ended.get() + tally.gave_up.get();
+    let mut samples = open_tally.error_samples.borrow().clone();
+    if tally.not_ended.get() > 0 {
+        samples.push(format!(
+            "{} held connections were not ended by the proxy within {:?} of the restart",
+            tally.not_ended.get(),
+            opts.storm_deadline
+        ));
+    }
+    if tally.gave_up.get() > 0 {
+        samples.push(format!(
+            "{} clients were not back within {:?} of the restart",
+            tally.gave_up.get(),
+            opts.storm_deadline
+        ));
+    }
+    m.insert("errors".into(), errors.into());
+    m.insert("error_samples".into(), json!(samples));
+    if opts.watch.is_empty() {
+        m.insert("watched".into(), Value::Null);
+    } else {
+        let tck = sys::clk_tck() as f64;
+        m.insert(
+            "watched".into(),
+            json!({
+                "pids": opts.watch,
+                "window_s": window.as_secs_f64(),
+                "cpu_s": after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / tck,
+                "cpu_user_s": after.user_ticks.saturating_sub(before.user_ticks) as f64 / tck,
+                "rss_kib_before": before.rss_kib,
+                "rss_kib_peak": peaks.rss_kib.max(before.rss_kib),
+                "rss_kib_after": after.rss_kib,
+                "rss_samples": peaks.samples,
+            }),
+        );
+    }
     Ok(Value::Object(m))
 }

@@ -58,6 +58,11 @@ enum Unit {
     Micros,
     CpuMicros,
     KiB,
+    /// Seconds (shown in ms below one second).
+    Seconds,
+    /// A value in KiB, shown in MiB.
+    MiB,
+    Count,
 }
 
 /// One row of the table: a number read from each target's JSON.
@@ -218,6 +223,65 @@ const IDLE_METRICS: &[Metric] = &[m(
     false,
 )];
 
+const STORM_METRICS: &[Metric] = &[
+    m(
+        "clients back",
+        &["reconnected"],
+        Unit::Count,
+        Better::Higher,
+        false,
+    ),
+    m(
+        "all back after",
+        &["all_reconnected_s"],
+        Unit::Seconds,
+        Better::Lower,
+        false,
+    ),
+    m(
+        "median client back after",
+        &["reconnect_s", "p50"],
+        Unit::Seconds,
+        Better::Lower,
+        false,
+    ),
+    m(
+        "failed attempts",
+        &["failed_attempts"],
+        Unit::Count,
+        Better::Lower,
+        false,
+    ),
+    m(
+        "proxy CPU over the storm",
+        &["watched", "cpu_s"],
+        Unit::Seconds,
+        Better::Lower,
+        false,
+    ),
+    m(
+        "peak proxy RSS",
+        &["watched", "rss_kib_peak"],
+        Unit::MiB,
+        Better::Lower,
+        false,
+    ),
+    m(
+        "peak upstream handshakes",
+        &["upstream", "handshakes_peak"],
+        Unit::Count,
+        Better::Lower,
+        false,
+    ),
+];
+
+/// The storm's rows drawn in the chart (the counts are not "times better" figures).
+const STORM_CHARTED: &[&str] = &[
+    "all back after",
+    "proxy CPU over the storm",
+    "peak proxy RSS",
+];
+
 fn metrics(kind: Kind) -> &'static [Metric] {
     match kind {
         Kind::Echo { .. } => ECHO_METRICS,
@@ -225,6 +289,7 @@ fn metrics(kind: Kind) -> &'static [Metric] {
         Kind::Paced => PACED_METRICS,
         Kind::Handshake { .. } => HANDSHAKE_METRICS,
         Kind::Idle { .. } => IDLE_METRICS,
+        Kind::Storm { .. } => STORM_METRICS,
     }
 }
 
@@ -241,7 +306,7 @@ fn lookup(v: &Value, path: &[&str]) -> Option<f64> {
 fn round_key(kind: Kind, v: &Value) -> Option<(&'static str, f64)> {
     match kind {
         Kind::Paced => lookup(v, &["latency_us", "p99"]).map(|x| ("p99 round trip (µs)", x)),
-        Kind::Idle { .. } => None,
+        Kind::Idle { .. } | Kind::Storm { .. } => None,
         _ => lookup(v, &["watched", "cpu_us_per_op"])
             .map(|x| ("proxy CPU per op (µs)", x))
             .or_else(|| lookup(v, &["ops_per_s"]).map(|x| ("ops/s", x))),
@@ -301,7 +366,24 @@ fn fmt_value(unit: Unit, v: f64) -> String {
         Unit::Micros => format!("{v:.0} µs"),
         Unit::CpuMicros => format!("{v:.1} µs"),
         Unit::KiB => format!("{v:.1} KiB"),
+        Unit::Seconds if v < 1.0 => format!("{:.0} ms", v * 1000.0),
+        Unit::Seconds => format!("{v:.2} s"),
+        Unit::MiB => format!("{:.1} MiB", v / 1024.0),
+        Unit::Count => group_thousands(v.round() as u64),
     }
+}
+
+/// 12345 as "12,345".
+fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn fmt_ratio(r: f64) -> String {
@@ -311,7 +393,7 @@ fn fmt_ratio(r: f64) -> String {
 /// The table cell of one target: value and ratios to direct (d) and nginx (n).
 fn cell(w: &WorkloadResult, target: &str, metric: &Metric) -> String {
     let Some(raw) = w.get(target) else {
-        return if target == "direct" && matches!(w.kind, Kind::Idle { .. }) {
+        return if target == "direct" && matches!(w.kind, Kind::Idle { .. } | Kind::Storm { .. }) {
             "—".into()
         } else {
             "skipped".into()
@@ -580,7 +662,86 @@ fn checks(run: &RunResults) -> Vec<Check> {
         1.0,
         Some(12.0),
     );
+    // `[upstreams.X] max_pending_handshakes` (default 256, the bench config's): a restarted
+    // upstream never has more of wsgate's handshakes in progress at once.
+    for (id, what) in [
+        (
+            "storm",
+            "reconnect storm (ws): upstream handshakes at once ≤ 256",
+        ),
+        (
+            "storm-tls",
+            "reconnect storm (wss): upstream handshakes at once ≤ 256",
+        ),
+    ] {
+        add(
+            find(id),
+            what.into(),
+            "peak upstream handshakes",
+            "",
+            1.0,
+            Some(256.0),
+        );
+    }
     out
+}
+
+/// What a storm's table rows leave out: how the held connections ended, every failed
+/// attempt by kind, when the proxy closed them, what the upstream saw.
+fn storm_note(title: &str, target: &str, v: &Value) -> Option<String> {
+    if v.get("mode").and_then(Value::as_str) != Some("storm") {
+        return None;
+    }
+    let counts = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| format!("{k} ×{}", group_thousands(n.as_u64().unwrap_or(0))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "none".into())
+    };
+    let num = |path: &[&str]| lookup(v, path);
+    let ms = |x: Option<f64>| x.map_or("—".into(), |x| format!("{:.0} ms", x * 1000.0));
+    let queue = |path: &[&str]| {
+        let peak = num(&[path[0], path[1], "peak_waiting"]);
+        let backlog = num(&[path[0], path[1], "backlog"]);
+        match (peak, backlog) {
+            (Some(p), Some(b)) => format!("{} of {}", p as u64, b as u64),
+            _ => "0".into(),
+        }
+    };
+    let up = |k: &str| num(&["upstream", k]).map_or("—".into(), |x| group_thousands(x as u64));
+    Some(format!(
+        "- {title} / {}: {} connections held; ended by the proxy {}-{} after the restart ({}); \
+         upstream listening again after {:.0} ms; {} attempts, failed: {}; \
+         the restarted upstream saw at most {} handshakes and {} connections at once; \
+         proxy RSS {:.1} MiB before the restart; the machine's TCP counters over the storm: \
+         {} listen queue overflows, {} SYN retransmits; most connections seen waiting to be \
+         accepted: proxy {}, upstream {}.",
+        display_name(target),
+        up_or(num(&["opened"])),
+        ms(num(&["ended_s", "min"])),
+        ms(num(&["ended_s", "max"])),
+        counts("ended"),
+        num(&["restart", "listening_again_ms"]).unwrap_or(f64::NAN),
+        up_or(num(&["attempts"])),
+        counts("failures"),
+        up("handshakes_peak"),
+        up("conns_peak"),
+        num(&["watched", "rss_kib_before"]).unwrap_or(f64::NAN) / 1024.0,
+        up_or(num(&["tcp", "ListenOverflows"])),
+        up_or(num(&["tcp", "TCPSynRetrans"])),
+        queue(&["listeners", "proxy"]),
+        queue(&["listeners", "upstream"]),
+    ))
+}
+
+fn up_or(x: Option<f64>) -> String {
+    x.map_or("—".into(), |x| group_thousands(x as u64))
 }
 
 /// The markdown the harness prints: results table, notes, targets.
@@ -649,6 +810,7 @@ pub fn markdown(run: &RunResults) -> String {
                 notes.push(format!("- {} / {}: {e}", w.title, display_name(t)));
                 continue;
             }
+            notes.extend(storm_note(w.title, t, v));
             let errors = v.get("errors").and_then(Value::as_u64).unwrap_or(0);
             let lost = v.get("lost").and_then(Value::as_u64).unwrap_or(0);
             if errors > 0 || lost > 0 {
@@ -917,6 +1079,9 @@ pub fn svg(run: &RunResults) -> String {
     let mut groups = Vec::new();
     for w in &run.workloads {
         for m in metrics(w.kind) {
+            if matches!(w.kind, Kind::Storm { .. }) && !STORM_CHARTED.contains(&m.name) {
+                continue;
+            }
             let Some(n) = w.value("nginx", m).filter(|n| *n > 0.0) else {
                 continue;
             };

@@ -1,8 +1,9 @@
 //! What the harness asks Linux: CPU time, RSS and open descriptors of a process from /proc,
-//! the open-file limit, timer slack, CPU pinning.
+//! the machine's TCP counters, the open-file limit, timer slack, CPU pinning.
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
 
 /// Sets the soft open-file limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> u64 {
@@ -80,6 +81,96 @@ pub fn rss_kib(pid: u32) -> io::Result<u64> {
         }
     }
     Err(io::Error::other("no VmRSS line"))
+}
+
+/// The machine's `TcpExt` counters named `names` from /proc/net/netstat (what `nstat`
+/// shows as `TcpExtNAME`), in that order; 0 for a name not found.
+pub fn tcp_ext(names: &[&str]) -> Vec<u64> {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines();
+    while let (Some(head), Some(values)) = (lines.next(), lines.next()) {
+        if !head.starts_with("TcpExt:") {
+            continue;
+        }
+        let pairs: Vec<(&str, u64)> = head
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .map(|(k, v)| (k, v.parse().unwrap_or(0)))
+            .collect();
+        return names
+            .iter()
+            .map(|n| pairs.iter().find(|(k, _)| k == n).map_or(0, |p| p.1))
+            .collect();
+    }
+    vec![0; names.len()]
+}
+
+/// The machine's listening TCP sockets (IPv4): (local port, connections waiting in the accept
+/// queue now, the queue's size: the backlog given to `listen`), from the kernel's socket
+/// diagnostics (netlink `SOCK_DIAG_BY_FAMILY`, what `ss -lnt` shows as Recv-Q and Send-Q).
+pub fn listen_queues() -> io::Result<Vec<(u16, u32, u32)>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    // SAFETY: a plain socket call; the descriptor is owned (and closed) by `fd` below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor we just opened and nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // nlmsghdr (16 bytes) + inet_diag_req_v2 (56 bytes): every IPv4 TCP socket in LISTEN.
+    let mut req = [0u8; 72];
+    req[0..4].copy_from_slice(&72u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[16] = libc::AF_INET as u8;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    // SAFETY: sends `req`'s bytes on our socket (to the kernel: no address needed).
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: receives into `buf`, at most its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut at = 0;
+        let n = n as usize;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+            if kind == NLMSG_DONE {
+                return Ok(out);
+            }
+            if kind == NLMSG_ERROR || len < 16 || at + len > n {
+                return Err(io::Error::other("sock_diag answered an error"));
+            }
+            // inet_diag_msg: family, state, timer, retrans (4 bytes), inet_diag_sockid (48:
+            // the ports first, big-endian), expires, rqueue, wqueue, ...
+            let msg = &buf[at + 16..at + len];
+            if msg.len() >= 64 {
+                let port = u16::from_be_bytes([msg[4], msg[5]]);
+                let waiting = u32::from_ne_bytes(msg[56..60].try_into().expect("4 bytes"));
+                let backlog = u32::from_ne_bytes(msg[60..64].try_into().expect("4 bytes"));
+                out.push((port, waiting, backlog));
+            }
+            at += (len + 3) & !3;
+        }
+    }
 }
 
 /// Open file descriptors of a process (its sockets, once accepted, among them).

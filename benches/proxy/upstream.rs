@@ -3,10 +3,16 @@
 //! still leaves the proxy as the thing that limits throughput. Frames stream through: a
 //! header is echoed as soon as it is parsed and payload as it arrives (unmasked), one write
 //! per read. Pings are answered with pongs; a close is echoed, then the server closes first.
+//!
+//! It counts its connections and the handshakes in progress (from accept until its first
+//! answer, the 101, is written), with their peaks since start, and serves those counts as one
+//! JSON line on `--stats-port`: the reconnect storm reads how many handshakes a proxy had in
+//! progress at once towards a restarted upstream.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +50,10 @@ pub struct Opts {
     key: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     bind: IpAddr,
+    /// Serve the counts (connections, handshakes in progress, their peaks) as one JSON line
+    /// to whoever connects to this port.
+    #[arg(long)]
+    stats_port: Option<u16>,
     /// Exit after this long even if nobody stops us.
     #[arg(long, value_parser = crate::parse_duration, default_value = "1h")]
     lifetime: Duration,
@@ -69,8 +79,94 @@ async fn serve(opts: Opts) -> anyhow::Result<()> {
             .with_context(|| format!("bind {}:{port}", opts.bind))?;
         tokio::spawn(accept_loop(listener, Some(acceptor)));
     }
+    if let Some(port) = opts.stats_port {
+        let listener = TcpListener::bind(SocketAddr::new(opts.bind, port))
+            .await
+            .with_context(|| format!("bind {}:{port}", opts.bind))?;
+        tokio::spawn(stats_loop(listener));
+    }
     tokio::time::sleep(opts.lifetime).await;
     Ok(())
+}
+
+/// What the upstream has seen since it started. One thread updates them; atomics only because
+/// tasks must be `Send`.
+struct Counts {
+    accepted: AtomicU64,
+    upgraded: AtomicU64,
+    conns: AtomicU64,
+    conns_peak: AtomicU64,
+    handshakes: AtomicU64,
+    handshakes_peak: AtomicU64,
+}
+
+static COUNTS: Counts = Counts {
+    accepted: AtomicU64::new(0),
+    upgraded: AtomicU64::new(0),
+    conns: AtomicU64::new(0),
+    conns_peak: AtomicU64::new(0),
+    handshakes: AtomicU64::new(0),
+    handshakes_peak: AtomicU64::new(0),
+};
+
+/// One accepted connection: counted open until dropped, and in its handshake until
+/// [`Accepted::answered`] (or dropped).
+struct Accepted {
+    in_handshake: bool,
+}
+
+impl Accepted {
+    fn new() -> Accepted {
+        let c = &COUNTS;
+        c.accepted.fetch_add(1, Ordering::Relaxed);
+        let conns = c.conns.fetch_add(1, Ordering::Relaxed) + 1;
+        c.conns_peak.fetch_max(conns, Ordering::Relaxed);
+        let handshakes = c.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        c.handshakes_peak.fetch_max(handshakes, Ordering::Relaxed);
+        Accepted { in_handshake: true }
+    }
+
+    /// The first answer is written: the handshake is over.
+    fn answered(&mut self, upgraded: bool) {
+        if std::mem::take(&mut self.in_handshake) {
+            COUNTS.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+        if upgraded {
+            COUNTS.upgraded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        self.answered(false);
+        COUNTS.conns.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `--stats-port`: one JSON line of [`COUNTS`] per connection, then close.
+async fn stats_loop(listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let c = &COUNTS;
+        let line = serde_json::json!({
+            "accepted": c.accepted.load(Ordering::Relaxed),
+            "upgraded": c.upgraded.load(Ordering::Relaxed),
+            "conns": c.conns.load(Ordering::Relaxed),
+            "conns_peak": c.conns_peak.load(Ordering::Relaxed),
+            "handshakes": c.handshakes.load(Ordering::Relaxed),
+            "handshakes_peak": c.handshakes_peak.load(Ordering::Relaxed),
+        })
+        .to_string()
+            + "\n";
+        tokio::spawn(async move {
+            let _ = stream.write_all(line.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
 }
 
 fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<TlsAcceptor> {
@@ -98,10 +194,11 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let accepted = Accepted::new();
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    let _ = echo(stream).await;
+                    let _ = echo(stream, accepted).await;
                 });
             }
             Some(acceptor) => {
@@ -110,7 +207,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>) {
                     if let Ok(Ok(tls)) =
                         tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        let _ = echo(tls).await;
+                        let _ = echo(tls, accepted).await;
                     }
                 });
             }
@@ -119,9 +216,16 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>) {
 }
 
 /// Echoes frames until the peer closes; see the module doc.
-async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()> {
+/// `accepted` counts the connection until it ends.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    mut accepted: Accepted,
+) -> io::Result<()> {
     // Each head within HEAD_TIMEOUT; plain requests keep the connection as long as they come.
-    let early = ws::server_handshake(&mut s, HEAD_TIMEOUT).await?;
+    let early = ws::server_handshake(&mut s, HEAD_TIMEOUT, &mut |upgraded| {
+        accepted.answered(upgraded)
+    })
+    .await?;
     let mut inbuf = vec![0u8; BUF.max(early.len())];
     let mut out: Vec<u8> = Vec::with_capacity(BUF + 64);
     let mut pending = early.len();

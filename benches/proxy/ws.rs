@@ -250,9 +250,11 @@ pub const PLAIN_BODY: &[u8] = b"hello from the benchmark upstream\n";
 /// Server side of the upgrade: reads the request, answers 101. Returns early frame bytes.
 /// A request that is not an upgrade gets [`PLAIN_BODY`] instead, and the connection serves
 /// such requests (keep-alive) until the client closes it; the answer is then an error.
+/// `answered` is called after each answer is written, with `true` for the 101.
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     head_timeout: std::time::Duration,
+    answered: &mut (dyn FnMut(bool) + Send),
 ) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut end = head_within(s, &mut buf, head_timeout).await?;
@@ -264,6 +266,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let mut out = answer.into_bytes();
         out.extend_from_slice(PLAIN_BODY);
         s.write_all(&out).await?;
+        answered(false);
         // Requests carry no body here: the next head follows at once.
         buf.drain(..end);
         end = head_within(s, &mut buf, head_timeout).await?;
@@ -277,6 +280,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         accept_key(key)
     );
     s.write_all(response.as_bytes()).await?;
+    answered(true);
     Ok(buf.split_off(end))
 }
 
