@@ -59,6 +59,24 @@ pub struct Wsgate {
     reloader: Arc<Reloader>,
 }
 
+/// The listen backlog of client listeners: a reconnect storm after a deploy or a network
+/// blip queues thousands of connections at once, and whatever does not fit is dropped by
+/// the kernel and retried by the client 1 s, then 3 s later. The kernel caps it at
+/// `net.core.somaxconn` (4,096 by default); tokio's `TcpListener::bind` asks for 128.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a client listener with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind`).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Wsgate {
     /// Binds every listener of `config` (port 0 picks a free port; see [`Wsgate::listener_addr`]).
     pub async fn bind(config: Config) -> anyhow::Result<Wsgate> {
@@ -71,8 +89,7 @@ impl Wsgate {
                 ))),
                 None => None,
             };
-            let tcp = TcpListener::bind(l.bind)
-                .await
+            let tcp = listen(l.bind)
                 .with_context(|| format!("listener {}: cannot bind {}", l.name, l.bind))?;
             listeners.push(BoundListener {
                 name: Arc::from(l.name.as_str()),
@@ -151,5 +168,43 @@ impl Wsgate {
         let _ = admin_task.await;
         let _ = sampler.await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A storm of connections nobody accepts yet all complete their TCP handshake: the
+    /// queue holds far more than tokio's default of 128.
+    #[tokio::test]
+    async fn client_listeners_queue_a_reconnect_storm() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if somaxconn < 512 {
+            eprintln!(
+                "SKIPPED: net.core.somaxconn is {somaxconn}; the kernel caps the backlog there"
+            );
+            return;
+        }
+        let listener = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects: Vec<_> = (0..400)
+            .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+            .collect();
+        let mut streams = Vec::new();
+        for connect in connects {
+            // A connection beyond the queue would wait for the SYN retry, a second or more.
+            let stream = tokio::time::timeout(Duration::from_millis(900), connect)
+                .await
+                .expect("a connection was not queued")
+                .unwrap()
+                .unwrap();
+            streams.push(stream);
+        }
+        assert_eq!(streams.len(), 400);
+        drop(listener);
     }
 }
