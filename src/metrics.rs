@@ -117,13 +117,17 @@ impl RejectReason {
 }
 
 /// Label value for a close code: exact for 1000-1015, else its class, `none` when absent.
-pub fn close_code_label(code: Option<u16>) -> std::borrow::Cow<'static, str> {
+pub fn close_code_label(code: Option<u16>) -> &'static str {
+    const EXACT: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+        "1011", "1012", "1013", "1014", "1015",
+    ];
     match code {
-        None => "none".into(),
-        Some(c @ 1000..=1015) => c.to_string().into(),
-        Some(3000..=3999) => "3xxx".into(),
-        Some(4000..=4999) => "4xxx".into(),
-        Some(_) => "other".into(),
+        None => "none",
+        Some(c @ 1000..=1015) => EXACT[usize::from(c - 1000)],
+        Some(3000..=3999) => "3xxx",
+        Some(4000..=4999) => "4xxx",
+        Some(_) => "other",
     }
 }
 
@@ -575,7 +579,7 @@ impl RouteMetrics {
 
     pub fn closed(&self, initiator: Initiator, code: Option<u16>) {
         self.closes_total
-            .with_label_values(&[&self.route, initiator.label(), &close_code_label(code)])
+            .with_label_values(&[&self.route, initiator.label(), close_code_label(code)])
             .inc();
     }
 
