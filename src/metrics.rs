@@ -373,6 +373,12 @@ impl Metrics {
             closes_total: self.closes_total.clone(),
             http_requests_total: self.http_requests_total.clone(),
             auth_total: self.auth_total.clone(),
+            series: Series {
+                handshakes: Lazy::new(),
+                closes: Lazy::new(),
+                auth: Lazy::new(),
+                statuses: Lazy::new(),
+            },
         }
     }
 
@@ -443,6 +449,7 @@ pub struct RouteMetrics {
     http_requests_total: IntCounterVec,
     /// Series appear once a route with `auth` checks its first request.
     auth_total: IntCounterVec,
+    series: Series,
 }
 
 /// The result label of `wsgate_auth_total`.
@@ -572,28 +579,88 @@ pub fn direction_index(d: Direction) -> usize {
 
 impl RouteMetrics {
     pub fn handshake(&self, result: HandshakeResult) {
-        self.connections_total
-            .with_label_values(&[&self.route, result.label()])
+        self.series
+            .handshakes
+            .get(result as usize, || {
+                self.connections_total
+                    .with_label_values(&[&self.route, result.label()])
+            })
             .inc();
     }
 
     pub fn closed(&self, initiator: Initiator, code: Option<u16>) {
-        self.closes_total
-            .with_label_values(&[&self.route, initiator.label(), close_code_label(code)])
+        let slot = match code {
+            None => 0,
+            Some(c @ 1000..=1015) => 1 + usize::from(c - 1000),
+            Some(3000..=3999) => 17,
+            Some(4000..=4999) => 18,
+            Some(_) => 19,
+        };
+        self.series
+            .closes
+            .get(initiator as usize * CODE_SLOTS + slot, || {
+                self.closes_total.with_label_values(&[
+                    &self.route,
+                    initiator.label(),
+                    close_code_label(code),
+                ])
+            })
             .inc();
     }
 
     pub fn auth(&self, result: AuthResult) {
-        self.auth_total
-            .with_label_values(&[&self.route, result.label()])
+        self.series
+            .auth
+            .get(result as usize, || {
+                self.auth_total
+                    .with_label_values(&[&self.route, result.label()])
+            })
             .inc();
     }
 
     pub fn http_request(&self, status: u16) {
-        self.http_requests_total
-            .with_label_values(&[&self.route, &status.to_string()])
-            .inc();
+        let resolve = || {
+            self.http_requests_total
+                .with_label_values(&[&self.route, &status.to_string()])
+        };
+        match status {
+            100..=599 => self
+                .series
+                .statuses
+                .get(usize::from(status - 100), resolve)
+                .inc(),
+            _ => resolve().inc(),
+        }
     }
+}
+
+/// Close-code label slots per initiator: none, 1000-1015, 3xxx, 4xxx, other.
+const CODE_SLOTS: usize = 20;
+
+/// Series of one family for one route, looked up in the family on first use and kept:
+/// later events add to them directly, without the family's shared map (a lock and a hash
+/// of every label) on the handshake path. Series still appear only once used.
+#[derive(Debug, Clone)]
+struct Lazy<const N: usize>(Box<[OnceLock<IntCounter>; N]>);
+
+impl<const N: usize> Lazy<N> {
+    fn new() -> Self {
+        Lazy(Box::new(std::array::from_fn(|_| OnceLock::new())))
+    }
+
+    fn get(&self, slot: usize, resolve: impl FnOnce() -> IntCounter) -> &IntCounter {
+        self.0[slot].get_or_init(resolve)
+    }
+}
+
+/// A route's lazily resolved series.
+#[derive(Debug, Clone)]
+struct Series {
+    handshakes: Lazy<4>,
+    closes: Lazy<{ 3 * CODE_SLOTS }>,
+    auth: Lazy<6>,
+    /// HTTP statuses 100-599.
+    statuses: Lazy<500>,
 }
 
 #[cfg(test)]
