@@ -94,7 +94,8 @@ fn store(text: &str, out: &mut [u8]) -> u8 {
     len as u8
 }
 
-fn unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

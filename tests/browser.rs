@@ -95,13 +95,24 @@ async fn connection_on(proxy: &Proxy, listener: &str) -> Value {
     .await
 }
 
+/// Listeners `h2` (with `http2`) and `h1` over TLS with `site.crt`, the page server on
+/// `/`, and `ws_route`, a route to the echo upstream.
+fn site_config(echo: SocketAddr, page: SocketAddr, ws_route: &str) -> String {
+    format!(
+        "[listeners.h2]\nbind = \"127.0.0.1:0\"\nhttp2 = true\n\
+         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
+         [listeners.h1]\nbind = \"127.0.0.1:0\"\n\
+         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
+         [upstreams.echo]\nservers = [\"{echo}\"]\n\n\
+         [upstreams.pages]\nservers = [\"{page}\"]\n\n\
+         {ws_route}\n\
+         [routes.pages]\npath = \"/\"\nupstream = \"pages\"\n"
+    )
+}
+
 #[tokio::test]
 async fn chromium_opens_its_websocket_over_http2_and_over_http1() {
-    let Some(binary) = chromium() else {
-        eprintln!(
-            "SKIPPED chromium_opens_its_websocket_over_http2_and_over_http1: no Chromium at \
-             /usr/bin/chromium (install Debian's chromium package; .ci/run does)"
-        );
+    let Some(binary) = chromium("chromium_opens_its_websocket_over_http2_and_over_http1") else {
         return;
     };
     let ws = spawn_ws_upstream().await;
@@ -109,16 +120,10 @@ async fn chromium_opens_its_websocket_over_http2_and_over_http1() {
     let dir = TestDir::new();
     let ca = TestCa::new();
     ca.issue(&["localhost"]).write(&dir, "site");
-    let toml = format!(
-        "[listeners.h2]\nbind = \"127.0.0.1:0\"\nhttp2 = true\n\
-         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
-         [listeners.h1]\nbind = \"127.0.0.1:0\"\n\
-         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
-         [upstreams.echo]\nservers = [\"{}\"]\n\n\
-         [upstreams.pages]\nservers = [\"{page}\"]\n\n\
-         [routes.ws]\npath = \"/ws\"\nupstream = \"echo\"\n\n\
-         [routes.pages]\npath = \"/\"\nupstream = \"pages\"\n",
-        ws.addr
+    let toml = site_config(
+        ws.addr,
+        page,
+        "[routes.ws]\npath = \"/ws\"\nupstream = \"echo\"\n",
     );
     let proxy = spawn_proxy(&toml, &dir).await;
     let profile = TestDir::new();
@@ -141,11 +146,7 @@ async fn chromium_opens_its_websocket_over_http2_and_over_http1() {
 
 #[tokio::test]
 async fn chromium_authenticates_with_its_token_as_the_subprotocol() {
-    let Some(binary) = chromium() else {
-        eprintln!(
-            "SKIPPED chromium_authenticates_with_its_token_as_the_subprotocol: no Chromium at \
-             /usr/bin/chromium (install Debian's chromium package; .ci/run does)"
-        );
+    let Some(binary) = chromium("chromium_authenticates_with_its_token_as_the_subprotocol") else {
         return;
     };
     let ws = spawn_ws_upstream().await;
@@ -155,17 +156,11 @@ async fn chromium_authenticates_with_its_token_as_the_subprotocol() {
     ca.issue(&["localhost"]).write(&dir, "site");
     let key = jwt::Signer::ec("browser");
     dir.write("jwks.json", jwt::jwks(&[&key]));
-    let toml = format!(
-        "[listeners.h2]\nbind = \"127.0.0.1:0\"\nhttp2 = true\n\
-         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
-         [listeners.h1]\nbind = \"127.0.0.1:0\"\n\
-         tls = {{ cert = \"site.crt\", key = \"site.key\" }}\n\n\
-         [upstreams.echo]\nservers = [\"{}\"]\n\n\
-         [upstreams.pages]\nservers = [\"{page}\"]\n\n\
-         [routes.ws]\npath = \"/ws-auth\"\nupstream = \"echo\"\n\
-         [routes.ws.auth]\njwt = {{ jwks = \"jwks.json\", from = [\"protocol\"] }}\n\n\
-         [routes.pages]\npath = \"/\"\nupstream = \"pages\"\n",
-        ws.addr
+    let toml = site_config(
+        ws.addr,
+        page,
+        "[routes.ws]\npath = \"/ws-auth\"\nupstream = \"echo\"\n\
+         [routes.ws.auth]\njwt = { jwks = \"jwks.json\", from = [\"protocol\"] }\n",
     );
     let proxy = spawn_proxy(&toml, &dir).await;
     let profile = TestDir::new();

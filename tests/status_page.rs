@@ -195,11 +195,9 @@ async fn events_stream_the_status_and_the_ring_records_closes() {
 
 #[tokio::test]
 async fn the_status_page_shows_closes_and_follows_live_connections_in_chromium() {
-    let Some(binary) = chromium() else {
-        eprintln!(
-            "SKIPPED the_status_page_shows_closes_and_follows_live_connections_in_chromium: no \
-             Chromium at /usr/bin/chromium (install Debian's chromium package; .ci/run does)"
-        );
+    let Some(binary) =
+        chromium("the_status_page_shows_closes_and_follows_live_connections_in_chromium")
+    else {
         return;
     };
     let (chat, feed, api) = (

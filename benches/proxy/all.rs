@@ -1366,19 +1366,20 @@ impl LoadCtx<'_> {
     }
 }
 
-/// Runs `self_exe args` pinned to `cpu`, killing it after `limit`; parses its stdout as JSON.
-fn run_child(
+/// Starts the load client (`self_exe args`) pinned to `cpu` with the harness's scheduling,
+/// stdout and stderr piped.
+fn spawn_load_client(
     self_exe: &Path,
     cpu: usize,
     args: &[String],
-    limit: Duration,
-) -> anyhow::Result<Value> {
+    stdin: Stdio,
+) -> anyhow::Result<std::process::Child> {
     let mut cmd = Command::new("taskset");
     cmd.arg("-c")
         .arg(cpu.to_string())
         .arg(self_exe)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -1388,15 +1389,30 @@ fn run_child(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("start the load client")?;
-    let pid = child.id() as i32;
-    let mut stdout = child.stdout.take().expect("piped");
+    cmd.spawn().context("start the load client")
+}
+
+/// Collects a child's piped stderr on a thread, so a full pipe never blocks it.
+fn read_stderr(child: &mut std::process::Child) -> thread::JoinHandle<String> {
     let mut stderr = child.stderr.take().expect("piped");
-    let err_reader = thread::spawn(move || {
+    thread::spawn(move || {
         let mut err = String::new();
         let _ = stderr.read_to_string(&mut err);
         err
-    });
+    })
+}
+
+/// Runs `self_exe args` pinned to `cpu`, killing it after `limit`; parses its stdout as JSON.
+fn run_child(
+    self_exe: &Path,
+    cpu: usize,
+    args: &[String],
+    limit: Duration,
+) -> anyhow::Result<Value> {
+    let mut child = spawn_load_client(self_exe, cpu, args, Stdio::null())?;
+    let pid = child.id() as i32;
+    let mut stdout = child.stdout.take().expect("piped");
+    let err_reader = read_stderr(&mut child);
     let (tx, rx) = mpsc::channel();
     let out_reader = thread::spawn(move || {
         let mut out = String::new();
@@ -1512,30 +1528,10 @@ impl LoadCtx<'_> {
             args.push("--watch-pid".into());
             args.push(pid.to_string());
         }
-        let mut cmd = Command::new("taskset");
-        cmd.arg("-c")
-            .arg(self.load_cpu.to_string())
-            .arg(&self.self_exe)
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                apply_sched();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().context("start the load client")?;
+        let mut child = spawn_load_client(&self.self_exe, self.load_cpu, &args, Stdio::piped())?;
         let mut stdin: ChildStdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let err_reader = thread::spawn(move || {
-            let mut err = String::new();
-            let _ = stderr.read_to_string(&mut err);
-            err
-        });
+        let err_reader = read_stderr(&mut child);
         let (tx, lines) = mpsc::channel();
         let out_reader = thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {

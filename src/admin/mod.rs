@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::gateway::Shared;
+use crate::proxy::head::percent_decode;
 use crate::reload::Reloader;
 use crate::ws::record::{CloseRequest, ConnRecord};
 
@@ -141,14 +142,8 @@ fn token_refusal<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Full<B
     if OPEN_PATHS.contains(&req.uri().path()) {
         return None;
     }
-    let offered = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().as_bytes());
-    if offered.is_some_and(|t| same_secret(t, &token.0)) {
+    let offered = crate::auth::jwt::bearer(req.headers());
+    if offered.is_some_and(|t| same_secret(t.as_bytes(), &token.0)) {
         return None;
     }
     let mut response = if req.uri().path() == "/" && req.method() == Method::GET {
@@ -577,32 +572,6 @@ impl ConnectionView<'_> {
     fn frames(&self) -> u64 {
         self.frames_client_to_upstream + self.frames_upstream_to_client
     }
-}
-
-/// Decodes `%XX` escapes (and `+` as a space); `None` for a broken escape or non-UTF-8.
-fn percent_decode(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let text = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(text, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

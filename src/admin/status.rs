@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::gateway::Shared;
-use crate::status::{ClosedView, Sample, SAMPLE_INTERVAL};
+use crate::status::{unix_ms, ClosedView, Sample, SAMPLE_INTERVAL};
 
 /// How often `/events` sends the document.
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(2);
@@ -76,12 +76,6 @@ pub struct ServerView {
 pub struct HistoryView {
     pub interval_seconds: u64,
     pub samples: Vec<Sample>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The value of each series of `name`, keyed by the value of `label` ("" without one).

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::Uri;
+use http::{Request, Uri};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, Validation};
 use serde_json::{Map, Value};
 
 use super::jwks::{Key, Keys, RemoteJwks};
 use crate::config::{JwksSource, JwtConfig, TokenSource};
+use crate::proxy::head::percent_decode;
 
 /// Where a route's verification keys are.
 pub enum KeySource {
@@ -234,19 +235,22 @@ pub enum Found {
     Protocol,
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header (RFC 6750 §2.1), any case of
+/// the scheme; `None` for another scheme.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// The first token found in the places `from` lists, in order.
 pub fn find_token(uri: &Uri, headers: &HeaderMap, from: &[TokenSource]) -> Option<(String, Found)> {
     from.iter().find_map(|source| match source {
         TokenSource::Header(name) => {
-            let value = headers.get(name.as_str())?.to_str().ok()?.trim();
             let token = if name == header::AUTHORIZATION.as_str() {
-                let (scheme, rest) = value.split_once(' ')?;
-                if !scheme.eq_ignore_ascii_case("bearer") {
-                    return None;
-                }
-                rest.trim()
+                bearer(headers)?
             } else {
-                value
+                headers.get(name.as_str())?.to_str().ok()?.trim()
             };
             (!token.is_empty()).then(|| (token.to_string(), Found::Header))
         }
@@ -299,10 +303,11 @@ fn looks_like_jwt(s: &str) -> bool {
 /// Removes the token from what the upstream will see: its query parameter, or its
 /// `Sec-WebSocket-Protocol` entry. A token in a header or a cookie stays (the upstream may
 /// want it, as with nginx and Traefik).
-pub fn remove_token(uri: &mut Uri, headers: &mut HeaderMap, found: &Found, token: &str) {
+pub fn remove_token<B>(req: &mut Request<B>, found: &Found, token: &str) {
     match found {
         Found::Header | Found::Cookie => {}
         Found::Query(name) => {
+            let uri = req.uri_mut();
             let Some(query) = uri.query() else { return };
             let kept: Vec<&str> = query
                 .split('&')
@@ -320,6 +325,7 @@ pub fn remove_token(uri: &mut Uri, headers: &mut HeaderMap, found: &Found, token
             }
         }
         Found::Protocol => {
+            let headers = req.headers_mut();
             let kept: Vec<String> = protocols(headers)
                 .filter(|p| *p != token)
                 .map(str::to_string)
@@ -332,27 +338,6 @@ pub fn remove_token(uri: &mut Uri, headers: &mut HeaderMap, found: &Found, token
             }
         }
     }
-}
-
-/// `%XX` decoding of a query value (`+` stays: tokens never contain it).
-fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A claim as a header value: strings as they are, numbers and booleans as written,
@@ -433,28 +418,37 @@ mod tests {
 
     #[test]
     fn the_token_is_removed_from_query_and_protocols() {
-        let mut uri: Uri = format!("/ws?room=1&access_token={JWT}&x=2")
-            .parse()
-            .unwrap();
-        let mut h = headers(&[
-            ("sec-websocket-protocol", &format!("chat, {JWT}")),
-            ("sec-websocket-protocol", "v2"),
-        ]);
-        remove_token(&mut uri, &mut h, &Found::Query("access_token".into()), JWT);
-        assert_eq!(uri, "/ws?room=1&x=2");
-        remove_token(&mut uri, &mut h, &Found::Protocol, JWT);
+        let request = |uri: String, h: HeaderMap| {
+            let mut req = Request::new(());
+            *req.uri_mut() = uri.parse().unwrap();
+            *req.headers_mut() = h;
+            req
+        };
+        let mut req = request(
+            format!("/ws?room=1&access_token={JWT}&x=2"),
+            headers(&[
+                ("sec-websocket-protocol", &format!("chat, {JWT}")),
+                ("sec-websocket-protocol", "v2"),
+            ]),
+        );
+        remove_token(&mut req, &Found::Query("access_token".into()), JWT);
+        assert_eq!(req.uri(), "/ws?room=1&x=2");
+        remove_token(&mut req, &Found::Protocol, JWT);
         assert_eq!(
-            h.get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            req.headers()
+                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
                 .iter()
                 .collect::<Vec<_>>(),
             ["chat, v2"]
         );
-        let mut only: Uri = format!("/ws?access_token={JWT}").parse().unwrap();
-        let mut h = headers(&[("sec-websocket-protocol", JWT)]);
-        remove_token(&mut only, &mut h, &Found::Query("access_token".into()), JWT);
-        remove_token(&mut only, &mut h, &Found::Protocol, JWT);
-        assert_eq!(only, "/ws");
-        assert!(!h.contains_key(header::SEC_WEBSOCKET_PROTOCOL));
+        let mut only = request(
+            format!("/ws?access_token={JWT}"),
+            headers(&[("sec-websocket-protocol", JWT)]),
+        );
+        remove_token(&mut only, &Found::Query("access_token".into()), JWT);
+        remove_token(&mut only, &Found::Protocol, JWT);
+        assert_eq!(only.uri(), "/ws");
+        assert!(!only.headers().contains_key(header::SEC_WEBSOCKET_PROTOCOL));
     }
 
     #[test]

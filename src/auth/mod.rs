@@ -213,7 +213,7 @@ impl RouteAuth {
             }
         }
 
-        let (parts_uri, headers) = (req.uri().clone(), req.headers_mut());
+        let headers = req.headers_mut();
         // Whatever the client sent under the names wsgate sets is not passed on.
         for (_, name) in &self.claims_to_headers {
             headers.remove(name);
@@ -226,19 +226,18 @@ impl RouteAuth {
         for (name, value) in copied {
             headers.append(name, value);
         }
-        let mut uri = parts_uri;
         if let Some((token, found, claims)) = verified {
             for (claim, name) in &self.claims_to_headers {
                 if let Some(value) = claims.get(claim).and_then(jwt::claim_value) {
                     headers.insert(name.clone(), value);
                 }
             }
-            jwt::remove_token(&mut uri, headers, &found, &token);
-            if found == Found::Protocol && !headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+            jwt::remove_token(req, &found, &token);
+            let offered = req.headers().contains_key(header::SEC_WEBSOCKET_PROTOCOL);
+            if found == Found::Protocol && !offered {
                 grant.protocol_token = Some(token);
             }
         }
-        *req.uri_mut() = uri;
         Ok(grant)
     }
 }

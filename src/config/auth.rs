@@ -115,19 +115,18 @@ impl Checker<'_> {
             );
         }
         let jwks = raw.jwks.as_ref().and_then(|j| self.jwks(j, key));
-        let jwks_ca = match (&raw.jwks_ca, &jwks) {
-            (Some(ca), Some(JwksSource::Url(uri))) if uri.scheme_str() == Some("https") => self
-                .certificates(ca, &format!("{key}.jwks_ca"))
-                .unwrap_or_default(),
-            (Some(ca), _) => {
-                self.report(
-                    ca.span(),
-                    format!("{key}.jwks_ca only applies when jwks is an https URL"),
-                );
-                Vec::new()
-            }
-            (None, _) => Vec::new(),
+        // Whether jwks is an https URL; unknown when its value was refused already.
+        let https = match &jwks {
+            Some(JwksSource::Url(uri)) => Some(uri.scheme_str() == Some("https")),
+            Some(JwksSource::File { .. }) => Some(false),
+            None => raw.jwks.is_none().then_some(false),
         };
+        let jwks_ca = self.https_ca(
+            raw.jwks_ca.as_ref(),
+            https,
+            &format!("{key}.jwks_ca"),
+            "jwks is an https URL",
+        );
         let jwks_refresh = match &raw.jwks_refresh {
             Some(v) => {
                 self.positive_duration(v, &format!("{key}.jwks_refresh"), defaults::JWKS_REFRESH)
@@ -310,24 +309,32 @@ impl Checker<'_> {
         values
     }
 
+    /// The trust anchors of a `ca` key that goes with a URL: loaded when the URL is https,
+    /// refused when it is not (`https` is `None` when the URL itself was refused).
+    fn https_ca(
+        &mut self,
+        ca: Option<&Spanned<String>>,
+        https: Option<bool>,
+        key: &str,
+        applies: &str,
+    ) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        match (ca, https) {
+            (Some(ca), Some(true)) => self.certificates(ca, key).unwrap_or_default(),
+            (Some(ca), Some(false)) => {
+                self.report(ca.span(), format!("{key} only applies when {applies}"));
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     fn forward(&mut self, raw: RawForward, key: &str) -> Option<ForwardConfig> {
         let mark = self.mark();
         let url = self.parse(&raw.url, "URL", &format!("for {key}.url"), |u| {
             forward_url(u)
         });
-        let ca = match (&raw.ca, &url) {
-            (Some(ca), Some(u)) if u.scheme_str() == Some("https") => self
-                .certificates(ca, &format!("{key}.ca"))
-                .unwrap_or_default(),
-            (Some(ca), _) => {
-                self.report(
-                    ca.span(),
-                    format!("{key}.ca only applies when url is https"),
-                );
-                Vec::new()
-            }
-            (None, _) => Vec::new(),
-        };
+        let https = url.as_ref().map(|u| u.scheme_str() == Some("https"));
+        let ca = self.https_ca(raw.ca.as_ref(), https, &format!("{key}.ca"), "url is https");
         let timeout = match &raw.timeout {
             Some(v) => {
                 self.positive_duration(v, &format!("{key}.timeout"), defaults::FORWARD_TIMEOUT)
@@ -466,24 +473,12 @@ mod tests {
             let text = format!(
                 "[listeners.public]\nbind = \"127.0.0.1:8080\"\n[routes.echo]\nbuiltin = \"echo\"\n[routes.echo.auth]\n{auth}\n"
             );
-            std::fs::write(self.source(), &text).unwrap();
-            Config::load(&self.source()).map_err(|e| {
-                e.diagnostics
-                    .iter()
-                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
-                    .collect()
-            })
+            super::super::on_disk::load(&self.source(), &text)
         }
 
         #[track_caller]
         fn one_problem(&self, auth: &str, position: &str, phrase: &str) {
-            let problems = self.load(auth).err().unwrap_or_default();
-            assert_eq!(problems.len(), 1, "{problems:#?}");
-            assert!(
-                problems[0].starts_with(position) && problems[0].contains(phrase),
-                "want {position:?} ... {phrase:?}, got {:?}",
-                problems[0]
-            );
+            super::super::on_disk::one_problem(self.load(auth), position, phrase);
         }
     }
 

@@ -1116,6 +1116,38 @@ fn host_label(host: &HostMatch) -> String {
     }
 }
 
+/// Test helpers for configs loaded from disk, as `wsgate check` loads them: relative
+/// paths then resolve against the file's folder.
+#[cfg(test)]
+mod on_disk {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    /// Writes `text` to `source` and loads it; problems as `line:col: message`.
+    pub fn load(source: &Path, text: &str) -> Result<Config, Vec<String>> {
+        std::fs::write(source, text).unwrap();
+        Config::load(source).map_err(|e| {
+            e.diagnostics
+                .iter()
+                .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                .collect()
+        })
+    }
+
+    /// Exactly one problem, at `position` ("line:col: "), containing `phrase`.
+    #[track_caller]
+    pub fn one_problem(loaded: Result<Config, Vec<String>>, position: &str, phrase: &str) {
+        let problems = loaded.err().unwrap_or_default();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with(position) && problems[0].contains(phrase),
+            "want {position:?} ... {phrase:?}, got {:?}",
+            problems[0]
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Balance, HostHeader};
@@ -1511,13 +1543,7 @@ builtin = "echo"
         std::fs::write(dir.path().join("short"), "abc\n").unwrap();
         let load = |admin: &str| {
             let text = format!("[admin]\n{admin}\n[listeners.public]\nbind = \"127.0.0.1:8080\"\n[routes.echo]\nbuiltin = \"echo\"\n");
-            std::fs::write(&source, &text).unwrap();
-            Config::load(&source).map_err(|e| {
-                e.diagnostics
-                    .iter()
-                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
-                    .collect::<Vec<_>>()
-            })
+            super::on_disk::load(&source, &text)
         };
         let problems = load("bind = \"0.0.0.0:9090\"").unwrap_err();
         assert_eq!(problems.len(), 1, "{problems:?}");
@@ -2181,25 +2207,12 @@ builtin = \"echo\"
         }
 
         fn load(&self, text: &str) -> Result<Config, Vec<String>> {
-            // Write the file and load it from disk, as `wsgate check` does.
-            std::fs::write(self.source(), text).unwrap();
-            Config::load(&self.source()).map_err(|e| {
-                e.diagnostics
-                    .iter()
-                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
-                    .collect()
-            })
+            super::on_disk::load(&self.source(), text)
         }
 
         #[track_caller]
         fn one_problem(&self, text: &str, position: &str, phrase: &str) {
-            let problems = self.load(text).err().unwrap_or_default();
-            assert_eq!(problems.len(), 1, "{problems:#?}");
-            assert!(
-                problems[0].starts_with(position) && problems[0].contains(phrase),
-                "want {position:?} ... {phrase:?}, got {:?}",
-                problems[0]
-            );
+            super::on_disk::one_problem(self.load(text), position, phrase);
         }
     }
 

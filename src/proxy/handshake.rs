@@ -296,18 +296,18 @@ pub async fn forward(
     } else {
         rest.freeze()
     };
-    // What the connection list shows: the upstream's choice, never a token wsgate echoes.
-    let subprotocol = headers
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let chosen = headers.get(header::SEC_WEBSOCKET_PROTOCOL);
-    if let Some(chosen) = chosen {
-        let chosen = chosen.to_str().unwrap_or("").trim();
-        if !jwt::protocols(req.headers()).any(|p| p == chosen) {
-            return Err(broken(Broken::UnofferedProtocol(chosen.to_string())));
+    // The upstream's choice is what the connection list shows (never a token wsgate echoes).
+    let subprotocol = match headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
+        Some(chosen) => {
+            let chosen = chosen.to_str().unwrap_or("").trim();
+            if !jwt::protocols(req.headers()).any(|p| p == chosen) {
+                return Err(broken(Broken::UnofferedProtocol(chosen.to_string())));
+            }
+            Some(chosen.to_owned())
         }
-    } else if let Some(token) = &grant.protocol_token {
+        None => None,
+    };
+    if let (None, Some(token)) = (&subprotocol, &grant.protocol_token) {
         // The client offered only its token; the upstream never saw it and chose none.
         if let Ok(value) = HeaderValue::from_str(token) {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value);

@@ -19,12 +19,19 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::support::within;
 
-/// The Chromium binary, if installed.
-pub fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+/// The Chromium binary, if installed; otherwise says that `test` is skipped and why.
+pub fn chromium(test: &str) -> Option<PathBuf> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .iter()
         .map(PathBuf::from)
-        .find(|p| p.exists())
+        .find(|p| p.exists());
+    if found.is_none() {
+        eprintln!(
+            "SKIPPED {test}: no Chromium at /usr/bin/chromium \
+             (install Debian's chromium package; .ci/run does)"
+        );
+    }
+    found
 }
 
 /// A headless Chromium and a DevTools session on one of its pages.
