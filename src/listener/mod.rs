@@ -99,7 +99,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        prepare_accepted(&stream);
         let acceptor = bound.tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
         let ctx = Arc::new(ConnContext::new(
             bound.name.clone(),
@@ -136,6 +136,18 @@ pub async fn serve(
         });
     }
     debug!(listener = %bound.name, "stopped accepting");
+}
+
+/// Whether accepted sockets take `TCP_NODELAY` from their listener (set in `listen`):
+/// Linux copies the listener's TCP options into each connection it accepts.
+pub const NODELAY_INHERITED: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
+/// Socket options for an accepted connection: `TCP_NODELAY`, unless inherited.
+pub fn prepare_accepted(stream: &TcpStream) {
+    if !NODELAY_INHERITED {
+        // Small frames must not wait for Nagle; failure to set it is harmless.
+        let _ = stream.set_nodelay(true);
+    }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -191,13 +191,6 @@ pub async fn forward(
         permit,
         grant,
     } = upgrade;
-    let mut headers = upstream_headers(&req, &conn, host);
-    headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
-    if let Balance::Cookie(name) = &upstream.balance {
-        sticky::strip_request_prefix(&mut headers, name, |id| {
-            upstream.servers.iter().any(|s| s.sticky_id() == id)
-        });
-    }
     let target = upstream_target(req.uri(), &route)?;
     let timeouts = route.config.timeouts;
 
@@ -216,9 +209,21 @@ pub async fn forward(
         }
     };
 
+    // The servers to try, chosen on the head as the client sent it (stickiness, hashing).
+    let order = upstream.attempt_order(conn.client.ip(), req.headers());
+    // The client's head becomes the upstream's, edited in place: no copy of the map.
+    let headers = req.headers_mut();
+    to_upstream(headers, &conn, host);
+    headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
+    if let Balance::Cookie(name) = &upstream.balance {
+        sticky::strip_request_prefix(headers, name, |id| {
+            upstream.servers.iter().any(|s| s.sticky_id() == id)
+        });
+    }
+
     let mut last_connect_error = None;
     let mut attempt = None;
-    for server in upstream.attempt_order(conn.client.ip(), req.headers()) {
+    for server in order {
         match upstream.connect(server, timeouts.upstream_connect).await {
             Ok(stream) => {
                 attempt = Some((server.clone(), stream));
@@ -234,9 +239,8 @@ pub async fn forward(
         return Err(connect_failure(&upstream, last_connect_error));
     };
     let active = server.track();
-    upstream.set_host(&mut headers, &server);
-    let request_head = upgrade::encode_request(&target, &headers);
-    drop(headers);
+    upstream.set_host(req.headers_mut(), &server);
+    let request_head = upgrade::encode_request(&target, req.headers());
     // Every way the upstream's answer can be unusable: 502 naming the server and the problem.
     let broken = |problem: Broken| ProxyError::UpstreamBroken {
         upstream: upstream.name.to_string(),
@@ -380,14 +384,13 @@ fn response(status: StatusCode, headers: HeaderMap, body: ProxyBody) -> Response
     response
 }
 
-/// The headers sent to the upstream: the client's, hop-by-hop removed except the upgrade
-/// pair, forwarding headers added.
-fn upstream_headers<B>(req: &Request<B>, conn: &ConnContext, host: Option<&str>) -> HeaderMap {
-    let upgrade = req.headers().get(header::UPGRADE).cloned();
-    let mut forwarded = req.headers().clone();
-    headers::remove_hop_by_hop(&mut forwarded);
+/// Turns the client's headers into those sent to the upstream: hop-by-hop removed except
+/// the upgrade pair, forwarding headers added.
+fn to_upstream(forwarded: &mut HeaderMap, conn: &ConnContext, host: Option<&str>) {
+    let upgrade = forwarded.get(header::UPGRADE).cloned();
+    headers::remove_hop_by_hop(forwarded);
     headers::add_forwarding(
-        &mut forwarded,
+        forwarded,
         ClientInfo {
             ip: conn.client.ip(),
             proto: conn.proto(),
@@ -399,7 +402,6 @@ fn upstream_headers<B>(req: &Request<B>, conn: &ConnContext, host: Option<&str>)
         header::UPGRADE,
         upgrade.unwrap_or(HeaderValue::from_static("websocket")),
     );
-    forwarded
 }
 
 /// The answer wsgate sends when it accepts an upgrade itself (builtin routes): 101 with the
