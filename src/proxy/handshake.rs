@@ -20,7 +20,7 @@ use crate::error::{Broken, ProxyError};
 use crate::gateway::{ConnContext, Route, Shared};
 use crate::limits::Permit;
 use crate::proxy::body::ProxyBody;
-use crate::proxy::headers::{self, ClientInfo};
+use crate::proxy::headers::{self, ClientInfo, Forwarding, Keep};
 use crate::proxy::plain::{connect_failure, upstream_target};
 use crate::proxy::{upgrade, upgraded};
 use crate::upstream::sticky;
@@ -212,8 +212,15 @@ pub async fn forward(
     // The servers to try, chosen on the head as the client sent it (stickiness, hashing).
     let order = upstream.attempt_order(conn.client.ip(), req.headers());
     // The client's head becomes the upstream's, edited in place: no copy of the map.
+    // Forwarding headers are written into the head, not set in the map (no grow, no copies).
+    let client = ClientInfo {
+        ip: conn.client.ip(),
+        proto: conn.proto(),
+        host,
+    };
+    let forwarding = Forwarding::new(req.headers(), client);
     let headers = req.headers_mut();
-    to_upstream(headers, &conn, host);
+    to_upstream(headers);
     headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
     if let Balance::Cookie(name) = &upstream.balance {
         sticky::strip_request_prefix(headers, name, |id| {
@@ -240,7 +247,8 @@ pub async fn forward(
     };
     let active = server.track();
     upstream.set_host(req.headers_mut(), &server);
-    let request_head = upgrade::encode_request(&target, req.headers());
+    let request_head = upgrade::encode_request(&target, req.headers(), &forwarding);
+    drop(forwarding);
     // Every way the upstream's answer can be unusable: 502 naming the server and the problem.
     let broken = |problem: Broken| ProxyError::UpstreamBroken {
         upstream: upstream.name.to_string(),
@@ -384,19 +392,12 @@ fn response(status: StatusCode, headers: HeaderMap, body: ProxyBody) -> Response
     response
 }
 
-/// Turns the client's headers into those sent to the upstream: hop-by-hop removed except
-/// the upgrade pair, forwarding headers added.
-fn to_upstream(forwarded: &mut HeaderMap, conn: &ConnContext, host: Option<&str>) {
+/// Turns the client's headers into those sent to the upstream (with the forwarding
+/// headers `encode_request` adds): hop-by-hop removed except the upgrade pair.
+fn to_upstream(forwarded: &mut HeaderMap) {
     let upgrade = forwarded.get(header::UPGRADE).cloned();
-    headers::remove_hop_by_hop(forwarded);
-    headers::add_forwarding(
-        forwarded,
-        ClientInfo {
-            ip: conn.client.ip(),
-            proto: conn.proto(),
-            host,
-        },
-    );
+    // The upgrade pair stays where it is and is overwritten below: no removal and re-insert.
+    headers::strip_hop_by_hop(forwarded, Keep::UpgradePair);
     forwarded.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     forwarded.insert(
         header::UPGRADE,

@@ -14,6 +14,7 @@ use http::StatusCode;
 use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::proxy::headers::Forwarding;
 use crate::upstream::UpstreamStream;
 
 /// The largest response head accepted from an upstream (as for client request heads).
@@ -26,22 +27,35 @@ const INITIAL_READ: usize = 4096;
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
 
-/// The request head for an upgrade: `GET target HTTP/1.1`, then `headers` as they are.
-pub fn encode_request(target: &str, headers: &HeaderMap) -> Vec<u8> {
-    let len = headers
-        .iter()
-        .fold(target.len() + 17, |len, (name, value)| {
-            len + name.as_str().len() + value.len() + 4
-        });
+/// The request head for an upgrade: `GET target HTTP/1.1`, then `headers` as they are but
+/// those `forwarding` replaces, then the forwarding headers.
+pub fn encode_request(target: &str, headers: &HeaderMap, forwarding: &Forwarding<'_>) -> Vec<u8> {
+    let len = forwarding.lines().fold(
+        headers
+            .iter()
+            .filter(|(name, _)| !forwarding.replaces(name))
+            .fold(target.len() + 17, |len, (name, value)| {
+                len + name.as_str().len() + value.len() + 4
+            }),
+        |len, (name, value)| len + name.len() + value.len() + 4,
+    );
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
+    let mut line = |name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in headers {
+        if !forwarding.replaces(name) {
+            line(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    for (name, value) in forwarding.lines() {
+        line(name.as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -445,13 +459,36 @@ mod tests {
 
     #[test]
     fn request_head_is_the_target_and_headers_in_order() {
-        let map = headers(&[("host", "a.test"), ("upgrade", "websocket"), ("x", "1")]);
-        let head = encode_request("/chat?room=1", &map);
+        use crate::proxy::headers::{add_forwarding, ClientInfo};
+        let map = headers(&[
+            ("host", "a.test"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("upgrade", "websocket"),
+            ("x", "1"),
+            ("x-forwarded-host", "spoofed.test"),
+        ]);
+        let client = ClientInfo {
+            ip: "192.0.2.1".parse().unwrap(),
+            proto: "http",
+            host: Some("a.test"),
+        };
+        let head = encode_request("/chat?room=1", &map, &Forwarding::new(&map, client));
         assert_eq!(
-            head,
-            b"GET /chat?room=1 HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nx: 1\r\n\r\n"
+            String::from_utf8_lossy(&head),
+            "GET /chat?room=1 HTTP/1.1\r\nhost: a.test\r\nupgrade: websocket\r\nx: 1\r\n\
+             x-forwarded-for: 203.0.113.9, 192.0.2.1\r\n\
+             forwarded: for=192.0.2.1;host=a.test;proto=http\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: a.test\r\n\r\n"
         );
         assert_eq!(head.capacity(), head.len(), "sized exactly, one allocation");
+
+        // The same values as the header-map path of plain requests.
+        let mut applied = map.clone();
+        add_forwarding(&mut applied, client);
+        let forwarding = Forwarding::new(&map, client);
+        for (name, value) in forwarding.lines() {
+            assert_eq!(applied[name], value, "{name}");
+        }
     }
 
     #[test]
