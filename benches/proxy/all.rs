@@ -105,6 +105,10 @@ pub struct Opts {
     /// Output folder (default: target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run nothing: print the table (with this build's target checks) and write ratios.svg
+    /// again from a results.json an earlier run wrote.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    report: Option<PathBuf>,
     /// CPU for the proxy under test.
     #[arg(long, default_value_t = 0)]
     proxy_cpu: usize,
@@ -752,6 +756,29 @@ struct Plan {
 }
 
 pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
+    if let Some(path) = &opts.report {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let known = workloads();
+        let run = report::from_json(&json, |id| {
+            known
+                .iter()
+                .find(|w| w.id == id)
+                .map(|w| (w.id, w.title, w.kind))
+        })
+        .with_context(|| format!("{} is not a results.json of this harness", path.display()))?;
+        println!("{}", report::markdown(&run));
+        let out = opts
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench"));
+        fs::create_dir_all(&out)?;
+        fs::write(out.join("ratios.svg"), report::svg(&run))?;
+        eprintln!("wrote {}", out.join("ratios.svg").display());
+        return Ok(());
+    }
     install_signal_handlers();
     crate::ws::self_check()?;
     set_sched(opts.sched);
