@@ -731,8 +731,11 @@ fn not_driven(w: &Workload, target: &str, h2c_port: Option<u16>) -> Option<Strin
         Kind::Echo { h2: Some(_), .. } | Kind::Http { h2: Some(_) }
     );
     if h2 && h2c_port.is_none() {
-        // The echo upstream speaks HTTP/1.1 only; nginx cannot carry WebSockets over HTTP/2.
+        // The echo upstream speaks HTTP/1.1 only.
         return Some(format!("{target} is not driven over HTTP/2"));
+    }
+    if target == "nginx" && matches!(w.kind, Kind::Echo { h2: Some(_), .. }) {
+        return Some("nginx cannot carry WebSockets over HTTP/2 (no RFC 8441)".to_owned());
     }
     if w.kind.jwt().is_some() && target != "wsgate" {
         return Some(match target {
@@ -956,7 +959,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
     if skip("nginx") {
         skipped.push(("nginx".into(), "--skip nginx".into()));
     } else if let Some(bin) = find_binary("nginx") {
-        let (plain_port, tls_port) = (free_port()?, free_port()?);
+        let (plain_port, tls_port, h2c_port) = (free_port()?, free_port()?, free_port()?);
         let dir = out.join("nginx");
         for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             fs::create_dir_all(dir.join("tmp").join(sub))?;
@@ -970,6 +973,7 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
                     ("DIR", dir.display().to_string()),
                     ("PLAIN_PORT", plain_port.to_string()),
                     ("TLS_PORT", tls_port.to_string()),
+                    ("H2C_PORT", h2c_port.to_string()),
                     ("UPSTREAM_PORT", up_port.to_string()),
                     ("CERT", certs.cert.display().to_string()),
                     ("KEY", certs.key.display().to_string()),
@@ -980,8 +984,9 @@ pub fn run(opts: Opts, command_line: String) -> anyhow::Result<()> {
             name: "nginx",
             plain_port,
             tls_port,
-            // nginx cannot forward WebSockets over HTTP/2 (no RFC 8441).
-            h2c_port: None,
+            // Plain HTTP over h2c only: nginx cannot forward WebSockets over HTTP/2 (no
+            // RFC 8441), see `not_driven`.
+            h2c_port: Some(h2c_port),
             version: first_line(&bin, &["-v"]),
             args: vec![
                 "-g".into(),
