@@ -116,19 +116,29 @@ impl RejectReason {
     }
 }
 
+/// The close-code labels, by [`close_code_slot`]: none, 1000-1015, 3xxx, 4xxx, other.
+const CODE_LABELS: [&str; CODE_SLOTS] = [
+    "none", "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+    "1011", "1012", "1013", "1014", "1015", "3xxx", "4xxx", "other",
+];
+
+/// Close-code label slots: one per entry of [`CODE_LABELS`].
+const CODE_SLOTS: usize = 20;
+
+/// Where a close code falls among [`CODE_LABELS`].
+fn close_code_slot(code: Option<u16>) -> usize {
+    match code {
+        None => 0,
+        Some(c @ 1000..=1015) => 1 + usize::from(c - 1000),
+        Some(3000..=3999) => 17,
+        Some(4000..=4999) => 18,
+        Some(_) => 19,
+    }
+}
+
 /// Label value for a close code: exact for 1000-1015, else its class, `none` when absent.
 pub fn close_code_label(code: Option<u16>) -> &'static str {
-    const EXACT: [&str; 16] = [
-        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
-        "1011", "1012", "1013", "1014", "1015",
-    ];
-    match code {
-        None => "none",
-        Some(c @ 1000..=1015) => EXACT[usize::from(c - 1000)],
-        Some(3000..=3999) => "3xxx",
-        Some(4000..=4999) => "4xxx",
-        Some(_) => "other",
-    }
+    CODE_LABELS[close_code_slot(code)]
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -589,20 +599,14 @@ impl RouteMetrics {
     }
 
     pub fn closed(&self, initiator: Initiator, code: Option<u16>) {
-        let slot = match code {
-            None => 0,
-            Some(c @ 1000..=1015) => 1 + usize::from(c - 1000),
-            Some(3000..=3999) => 17,
-            Some(4000..=4999) => 18,
-            Some(_) => 19,
-        };
+        let slot = close_code_slot(code);
         self.series
             .closes
             .get(initiator as usize * CODE_SLOTS + slot, || {
                 self.closes_total.with_label_values(&[
                     &self.route,
                     initiator.label(),
-                    close_code_label(code),
+                    CODE_LABELS[slot],
                 ])
             })
             .inc();
@@ -633,9 +637,6 @@ impl RouteMetrics {
         }
     }
 }
-
-/// Close-code label slots per initiator: none, 1000-1015, 3xxx, 4xxx, other.
-const CODE_SLOTS: usize = 20;
 
 /// Series of one family for one route, looked up in the family on first use and kept:
 /// later events add to them directly, without the family's shared map (a lock and a hash

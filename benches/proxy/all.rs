@@ -1279,6 +1279,17 @@ struct LoadCtx<'a> {
 }
 
 impl LoadCtx<'_> {
+    /// The load client's command line up to its workload options: URL and test CA.
+    fn load_args(&self, url: &str) -> Vec<String> {
+        vec![
+            "load".into(),
+            "--url".into(),
+            url.into(),
+            "--ca".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+
     /// Runs the load client for one workload against one target; its JSON, or `{"error"}`.
     fn run(
         &self,
@@ -1291,15 +1302,8 @@ impl LoadCtx<'_> {
     ) -> Value {
         let p = self.plan;
         let secs = |d: Duration| format!("{}ms", d.as_millis());
-        let mut args: Vec<String> = vec![
-            "load".into(),
-            "--url".into(),
-            url.into(),
-            "--ca".into(),
-            self.ca.display().to_string(),
-            "--warmup".into(),
-            secs(p.warmup),
-        ];
+        let mut args = self.load_args(url);
+        args.extend(["--warmup".into(), secs(p.warmup)]);
         let planned = match w.kind {
             Kind::Echo { size, text, h2 } => {
                 if let Some(kind) = text {
@@ -1539,12 +1543,8 @@ impl LoadCtx<'_> {
         upstream: &mut Proc,
         up: &UpstreamSpec,
     ) -> anyhow::Result<Value> {
-        let mut args: Vec<String> = vec![
-            "load".into(),
-            "--url".into(),
-            url.into(),
-            "--ca".into(),
-            self.ca.display().to_string(),
+        let mut args = self.load_args(url);
+        args.extend([
             "--mode".into(),
             "storm".into(),
             "--conns".into(),
@@ -1555,7 +1555,7 @@ impl LoadCtx<'_> {
             "1s".into(),
             "--storm-deadline".into(),
             format!("{}ms", STORM_DEADLINE.as_millis()),
-        ];
+        ]);
         for pid in pids {
             args.push("--watch-pid".into());
             args.push(pid.to_string());

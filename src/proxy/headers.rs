@@ -190,9 +190,9 @@ impl<'a> Forwarding<'a> {
 }
 
 /// The non-empty lines of a list header joined with ", ", ending in ", " when there were
-/// any: the start of the value a proxy appends its element to.
+/// any: the start of the value a proxy appends its element to (`room` bytes of it).
 fn joined_lines(headers: &HeaderMap, name: &HeaderName, room: usize) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(room);
     for v in headers
         .get_all(name)
         .iter()
@@ -200,14 +200,8 @@ fn joined_lines(headers: &HeaderMap, name: &HeaderName, room: usize) -> String {
         .map(str::trim)
         .filter(|v| !v.is_empty())
     {
-        if out.capacity() == 0 {
-            out.reserve(room + 64);
-        }
         out.push_str(v);
         out.push_str(", ");
-    }
-    if out.capacity() == 0 {
-        out.reserve(room);
     }
     out
 }
